@@ -1,0 +1,224 @@
+"""`EvoPressCompressor`: data, dense outputs, variants, search, and the compressed model, in that order."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .configuration import EvoPressConfig
+from .data import TokenData, prepare_token_data
+from .evaluation import perplexity
+from .export import check_output_dir, save_checkpoint
+from .fitness import FitnessEvaluator, draw_minibatch, teacher_cache_bytes
+from .methods import CompressionMethod, get_method_class
+from .search import (Assignment, SearchResult, SearchSettings, brute_force_search, evolutionary_search,
+                     one_at_a_time_search, random_search)
+
+__all__ = ["EvoPressCompressor", "EvoPressResult"]
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EvoPressResult:
+    """The outcome of `EvoPressCompressor.compress`.
+
+    Attributes:
+        levels: `{unit name: level}` for every unit, e.g. `{"model.layers.3": "dropped", ...}`.
+        history: one row per generation: `generation`, `fitness` (of the parent after selection), `tokens`
+            scored, `seconds`.
+        fitness: the chosen assignment's fitness on the final selection stage (None for baselines that do not score).
+        budget: units, the budget and the cost reached.
+        search: the search that chose the levels.
+        timings: seconds spent in each phase, and inside the search in forward passes, fitness arithmetic and swaps.
+        perplexity: held-out perplexity before and after compression (when `evaluation_tokens` > 0).
+    """
+
+    levels: dict[str, Any]
+    history: list[dict[str, Any]]
+    fitness: float | None
+    budget: dict[str, Any]
+    search: str
+    timings: dict[str, float] = field(default_factory=dict)
+    perplexity: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"levels": self.levels, "history": self.history, "fitness": self.fitness, "budget": self.budget,
+                "search": self.search, "timings": self.timings, "perplexity": self.perplexity}
+
+
+class EvoPressCompressor:
+    """Compresses a transformers causal LM with EvoPress: every unit gets its own level under one budget.
+
+    The model is compressed in place (as Optimum's quantizers do) and returned by `compress`.
+
+    Example:
+        ```python
+        >>> compressor = EvoPressCompressor(model, tokenizer)
+        >>> compressed = compressor.compress(EvoPressConfig(method="depth", target=0.25))
+        >>> compressor.result.levels["model.layers.3"]
+        'kept'
+        >>> compressor.save_pretrained("smollm2-depth-25")
+        ```
+
+    Args:
+        model: a `PreTrainedModel` for causal language modelling.
+        tokenizer: needed whenever the calibration data is text (every source but pre-tokenized data).
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any = None) -> None:
+        if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+            raise TypeError(f"EvoPressCompressor: model must be a transformers PreTrainedModel, got "
+                            f"{type(model).__name__}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config: EvoPressConfig | None = None
+        self.result: EvoPressResult | None = None
+        self.method: CompressionMethod | None = None
+
+    # ------------------------------------------------------------------ main entry point
+    def compress(self, config: EvoPressConfig, save_dir: str | os.PathLike | None = None, overwrite: bool = False,
+                 progress: bool = True) -> torch.nn.Module:
+        """Searches a level per unit under `config`'s budget, applies it to the model, and returns the model.
+
+        Args:
+            config: the run's settings.
+            save_dir: when given, the checkpoint is also written there (checked before any work starts).
+            overwrite: replace a non-empty `save_dir`.
+            progress: show tqdm progress bars.
+        """
+        if not isinstance(config, EvoPressConfig):
+            raise TypeError(f"compress() takes an EvoPressConfig, got {type(config).__name__}")
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+        # Everything cheap is checked first, so bad input fails before data, dense outputs or search.
+        if save_dir is not None:
+            check_output_dir(save_dir, overwrite)
+        if self.tokenizer is None:
+            raise ValueError("EvoPressConfig.calibration_dataset holds text; pass a tokenizer: "
+                             "EvoPressCompressor(model, tokenizer)")
+        method = get_method_class(config.method)(self.model, config)
+        space = method.level_space()
+        settings = config.resolved_search_settings(method.default_settings(config.preset, space))
+        if settings["sequence_length"] > getattr(self.model.config, "max_position_embeddings", float("inf")):
+            settings["sequence_length"] = self.model.config.max_position_embeddings
+        search_settings = SearchSettings(
+            generations=settings["generations"], offspring=settings["offspring"],
+            survivors_per_selection=tuple(settings["survivors_per_selection"]),
+            tokens_per_selection=tuple(settings["tokens_per_selection"]),
+            initial_candidates=settings["initial_candidates"], max_flips=config.max_flips, seed=config.seed)
+        config.resolved_search_settings(settings)  # cross-checks the merged values
+        self._prepare_model(config)
+        logger.info("EvoPress %s (%s, preset %r): %d units, budget %d, %s", config.method, method.granularity
+                    if hasattr(method, "granularity") else "-", config.preset, space.num_units, space.budget,
+                    search_settings.to_dict())
+
+        data = prepare_token_data(
+            config.calibration_dataset, self.tokenizer, settings["sequence_length"], settings["calibration_tokens"],
+            config.evaluation_tokens, seed=config.seed, dataset_config=config.calibration_dataset_config,
+            dataset_split=config.calibration_split, text_column=config.text_column)
+        timings["data"] = time.perf_counter() - clock
+
+        self.model.eval()
+        baseline_perplexity = self._perplexity(data, config)
+        clock = time.perf_counter()
+        evaluator = FitnessEvaluator(self.model, data.calibration, config.fitness, config.topk, config.batch_size)
+        needs_teacher = config.search in ("evolution", "brute_force", "one_at_a_time")
+        if needs_teacher:
+            logger.info("caching dense outputs: %.1f MiB", teacher_cache_bytes(
+                config.fitness, data.calibration_tokens, self.model.config.vocab_size, config.topk) / 2**20)
+            evaluator.cache_teacher(progress)
+            evaluator.forward_seconds = evaluator.metric_seconds = 0.0
+        timings["dense_outputs"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        method.build(data.calibration, progress)
+        timings["build"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        swap_seconds = [0.0]
+
+        def evaluate(candidates: Sequence[Assignment], num_tokens: int, rng: np.random.Generator) -> list[float]:
+            batch = draw_minibatch(evaluator.num_sequences, evaluator.sequence_length, num_tokens, rng)
+            scores = []
+            for candidate in candidates:
+                start = time.perf_counter()
+                method.set_levels(candidate)
+                swap_seconds[0] += time.perf_counter() - start
+                scores.append(evaluator.score(batch))
+            return scores
+
+        final_tokens = max(search_settings.tokens_per_selection)
+        with torch.no_grad():
+            if config.search == "evolution":
+                found = evolutionary_search(space, evaluate, search_settings, checkpoint_path=config.checkpoint_path,
+                                            resume_from=config.resume_from, progress=progress)
+            elif config.search == "random":
+                found = random_search(space, config.seed)
+            elif config.search == "brute_force":
+                found = brute_force_search(space, evaluate, final_tokens, config.seed, progress)
+            elif config.search == "one_at_a_time":
+                found = one_at_a_time_search(space, evaluate, final_tokens, config.seed)
+            else:
+                found = method.run_baseline(config.search, space, data.calibration[:_sequences(final_tokens, data)])
+                found = SearchResult(assignment=found, fitness=None)
+        method.reset()
+        timings["search"] = time.perf_counter() - clock
+        timings["search_forward"] = evaluator.forward_seconds
+        timings["search_fitness"] = evaluator.metric_seconds
+        timings["search_swap"] = swap_seconds[0]
+
+        compressed = method.apply(found.assignment)
+        self.method, self.config = method, config
+        self.result = EvoPressResult(
+            levels=space.named(found.assignment), history=found.history, fitness=found.fitness,
+            budget={"units": space.num_units, "budget": space.budget, "cost": space.cost(found.assignment),
+                    "target": config.target},
+            search=config.search, timings=timings)
+        if baseline_perplexity is not None:
+            self.result.perplexity = {"dense": baseline_perplexity, "compressed": self._perplexity(data, config)}
+        if save_dir is not None:
+            self.save_pretrained(save_dir, overwrite=overwrite)
+        return compressed
+
+    # ------------------------------------------------------------------ helpers
+    def _prepare_model(self, config: EvoPressConfig) -> None:
+        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = _DTYPES.get(config.dtype)
+        if getattr(self.model, "hf_device_map", None) is None:
+            self.model.to(device)
+        if dtype is not None:
+            self.model.to(dtype)
+
+    def _perplexity(self, data: TokenData, config: EvoPressConfig) -> float | None:
+        if len(data.evaluation) == 0:
+            return None
+        return perplexity(self.model, data.evaluation, batch_size=config.batch_size, progress=False)
+
+    # ------------------------------------------------------------------ saving
+    def record(self) -> dict[str, Any]:
+        """What `evopress_config.json` holds: the config, the chosen levels and the search result."""
+        if self.result is None or self.config is None:
+            raise ValueError("nothing to save: call compress() first")
+        return {"config": self.config.to_dict(), **self.result.to_dict()}
+
+    def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False, **kwargs: Any) -> None:
+        """Writes the compressed model, its tokenizer and `evopress_config.json` atomically.
+
+        Raises a `ValueError` if `save_directory` exists and is not empty, unless `overwrite=True`.
+        """
+        save_checkpoint(self.model, save_directory, self.record(), tokenizer=self.tokenizer, overwrite=overwrite,
+                        **kwargs)
+
+
+def _sequences(num_tokens: int, data: TokenData) -> int:
+    return -(-num_tokens // data.calibration.shape[1])
+

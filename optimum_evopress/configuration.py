@@ -1,0 +1,273 @@
+"""`EvoPressConfig`: every setting of a compression run, validated at construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["EvoPressConfig", "CONFIG_NAME", "FITNESS_KINDS", "PRESETS", "GENERIC_SEARCHES"]
+
+CONFIG_NAME = "evopress_config.json"
+FITNESS_KINDS = ("kl", "topk_kl", "ppl")
+PRESETS = ("paper", "cpu")
+# Searches that work for every method; methods may add their own baselines.
+GENERIC_SEARCHES = ("evolution", "random", "brute_force", "one_at_a_time")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _check(condition: bool, name: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"EvoPressConfig.{name}: {message}")
+
+
+def _check_int(value: Any, name: str, minimum: int = 1) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"EvoPressConfig.{name} must be an int >= {minimum}, got {type(value).__name__}")
+    _check(value >= minimum, name, f"must be >= {minimum}, got {value}")
+
+
+def _check_int_list(value: Any, name: str) -> None:
+    if value is None:
+        return
+    if not isinstance(value, (list, tuple)) or not value:
+        raise TypeError(f"EvoPressConfig.{name} must be a non-empty list of ints, got {value!r}")
+    for item in value:
+        _check_int(item, name)
+
+
+@dataclass
+class EvoPressConfig:
+    """Settings of one EvoPress compression run.
+
+    Search settings left at `None` take the chosen method's defaults for the chosen `preset`:
+    `"paper"` reproduces the paper's settings (meant for a GPU), `"cpu"` is a small preset that
+    finishes in minutes on a laptop-class CPU.
+
+    Example:
+        ```python
+        >>> from optimum_evopress import EvoPressConfig
+        >>> config = EvoPressConfig(method="depth", target=0.25, calibration_dataset="wikipedia")
+        >>> EvoPressConfig.from_dict(config.to_dict()) == config
+        True
+        ```
+    """
+
+    method: str = field(default="depth", metadata={"help": "Compression method: `depth` (remove blocks or sub-blocks)."})
+    target: float = field(
+        default=0.25,
+        metadata={"help": "Global budget. For `depth`: the fraction of units removed, in (0, 1)."},
+    )
+    granularity: str | None = field(
+        default=None,
+        metadata={"help": "Search unit. For `depth`: `block` (default) or `sublayer` (attention and MLP separately)."},
+    )
+    search: str = field(
+        default="evolution",
+        metadata={
+            "help": "`evolution` (EvoPress) or a baseline: `random`, `brute_force`, `one_at_a_time`, and for "
+            "`depth` also `shortgpt` and `sliding_window`."
+        },
+    )
+    preset: str = field(default="paper", metadata={"help": "Defaults for unset search settings: `paper` or `cpu`."})
+    generations: int | None = field(default=None, metadata={"help": "Number of generations of the (1+lambda)-EA."})
+    offspring: int | None = field(default=None, metadata={"help": "Offspring (lambda) per generation."})
+    survivors_per_selection: list[int] | None = field(
+        default=None, metadata={"help": "Candidates kept after each selection stage; non-increasing, ends at 1."}
+    )
+    tokens_per_selection: list[int] | None = field(
+        default=None, metadata={"help": "Calibration tokens scored at each selection stage."}
+    )
+    initial_candidates: int | None = field(
+        default=None, metadata={"help": "Random assignments scored to pick the first parent (best of N)."}
+    )
+    max_flips: int = field(
+        default=3, metadata={"help": "Level switches per offspring: min(U(1, max_flips), U(1, max_flips))."}
+    )
+    fitness: str = field(default="kl", metadata={"help": "`kl`, `topk_kl` or `ppl`."})
+    topk: int = field(default=128, metadata={"help": "Teacher probabilities kept per token for `topk_kl`."})
+    calibration_dataset: Any = field(
+        default="wikipedia",
+        metadata={
+            "help": "Built-in `wikipedia` / `shakespeare`, a local text file or folder, a Hub dataset name, "
+            "a `datasets.Dataset`, or a list of strings."
+        },
+    )
+    calibration_dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
+    calibration_split: str = field(default="train", metadata={"help": "Hub dataset split."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the text in a dataset."})
+    calibration_tokens: int | None = field(default=None, metadata={"help": "Calibration tokens in total."})
+    sequence_length: int | None = field(default=None, metadata={"help": "Tokens per calibration sequence."})
+    evaluation_tokens: int = field(
+        default=32768, metadata={"help": "Held-out tokens for the perplexity reported after compression (0: none)."}
+    )
+    batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass."})
+    seed: int = field(default=0, metadata={"help": "Seed of the search and of calibration sampling."})
+    device: str | None = field(default=None, metadata={"help": "`cuda`, `cpu`, ...; default: CUDA when present."})
+    dtype: str = field(default="auto", metadata={"help": "Compute dtype: `auto` (keep the model's), `float32`, ..."})
+    checkpoint_path: str | None = field(
+        default=None, metadata={"help": "JSON file the search state is written to after each generation."}
+    )
+    resume_from: str | None = field(default=None, metadata={"help": "Search state file to resume from."})
+
+    def __post_init__(self) -> None:
+        from .methods import get_method_class
+
+        if not isinstance(self.method, str):
+            raise TypeError(f"EvoPressConfig.method must be a str, got {type(self.method).__name__}")
+        method_cls = get_method_class(self.method)
+        if isinstance(self.target, bool) or not isinstance(self.target, (int, float)):
+            raise TypeError(f"EvoPressConfig.target must be a number, got {type(self.target).__name__}")
+        self.target = float(self.target)
+        _check(self.preset in PRESETS, "preset", f"must be one of {PRESETS}, got {self.preset!r}")
+        allowed_searches = GENERIC_SEARCHES + tuple(method_cls.baselines)
+        _check(self.search in allowed_searches, "search", f"must be one of {allowed_searches}, got {self.search!r}")
+        _check(self.fitness in FITNESS_KINDS, "fitness", f"must be one of {FITNESS_KINDS}, got {self.fitness!r}")
+        _check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+        for name in ("generations", "offspring", "initial_candidates", "max_flips", "topk", "calibration_tokens",
+                     "batch_size"):
+            _check_int(getattr(self, name), name)
+        _check_int(self.sequence_length, "sequence_length", minimum=2)
+        _check_int(self.evaluation_tokens, "evaluation_tokens", minimum=0)
+        _check_int(self.seed, "seed", minimum=0)
+        _check_int_list(self.survivors_per_selection, "survivors_per_selection")
+        _check_int_list(self.tokens_per_selection, "tokens_per_selection")
+        for name in ("survivors_per_selection", "tokens_per_selection"):
+            if getattr(self, name) is not None:
+                setattr(self, name, list(getattr(self, name)))
+        if self.device is not None:
+            import torch
+
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as err:
+                raise ValueError(f"EvoPressConfig.device: {self.device!r} is not a torch device") from err
+        self._check_calibration_dataset()
+        method_cls.validate_config(self)
+        # Cross-field checks on whatever is already known; the rest runs once defaults are resolved.
+        self.resolved_search_settings(method_cls.default_settings(self.preset), check_only=True)
+
+    def _check_calibration_dataset(self) -> None:
+        source = self.calibration_dataset
+        if isinstance(source, str):
+            _check(bool(source.strip()), "calibration_dataset", "must not be an empty string")
+        elif isinstance(source, (list, tuple)):
+            _check(len(source) > 0, "calibration_dataset", "must not be an empty list")
+            if not all(isinstance(text, str) for text in source):
+                raise TypeError("EvoPressConfig.calibration_dataset: a list must hold only strings")
+            self.calibration_dataset = list(source)
+        elif not hasattr(source, "column_names"):
+            raise TypeError(
+                "EvoPressConfig.calibration_dataset must be a dataset name, a path, a list of strings or a "
+                f"datasets.Dataset, got {type(source).__name__}"
+            )
+
+    def resolved_search_settings(self, defaults: dict[str, Any], check_only: bool = False) -> dict[str, Any]:
+        """Merges the explicitly set search settings over `defaults` and checks them together.
+
+        With `check_only`, settings still unknown (left to defaults that depend on the model) are skipped.
+        """
+        names = ("generations", "offspring", "survivors_per_selection", "tokens_per_selection",
+                 "initial_candidates", "calibration_tokens", "sequence_length")
+        settings = {name: getattr(self, name) if getattr(self, name) is not None else defaults.get(name)
+                    for name in names}
+        survivors, tokens = settings["survivors_per_selection"], settings["tokens_per_selection"]
+        if survivors is not None and tokens is not None:
+            _check(
+                len(survivors) == len(tokens),
+                "tokens_per_selection",
+                f"needs one entry per selection stage ({len(survivors)} from survivors_per_selection), got {len(tokens)}",
+            )
+        if survivors is not None:
+            _check(survivors[-1] == 1, "survivors_per_selection", f"the last stage must keep 1 candidate, got {survivors}")
+            _check(
+                all(a >= b for a, b in zip(survivors, survivors[1:])),
+                "survivors_per_selection",
+                f"must be non-increasing, got {survivors}",
+            )
+            if settings["offspring"] is not None:
+                _check(
+                    survivors[0] <= settings["offspring"],
+                    "survivors_per_selection",
+                    f"the first stage cannot keep more than the {settings['offspring']} offspring, got {survivors}",
+                )
+        if tokens is not None and settings["calibration_tokens"] is not None:
+            _check(
+                max(tokens) <= settings["calibration_tokens"],
+                "tokens_per_selection",
+                f"a stage asks for {max(tokens)} tokens but calibration_tokens is {settings['calibration_tokens']}; "
+                f"allowed range is 1..{settings['calibration_tokens']}",
+            )
+        if settings["calibration_tokens"] is not None and settings["sequence_length"] is not None:
+            _check(
+                settings["calibration_tokens"] >= settings["sequence_length"],
+                "calibration_tokens",
+                f"must hold at least one sequence of sequence_length={settings['sequence_length']} tokens, "
+                f"got {settings['calibration_tokens']}",
+            )
+        if not check_only:
+            missing = [name for name, value in settings.items() if value is None]
+            if missing:
+                raise ValueError(f"EvoPressConfig: no value and no default for {missing}")
+        return settings
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict; an in-memory `datasets.Dataset` is recorded by its fingerprint."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        source = data["calibration_dataset"]
+        if not isinstance(source, (str, list)):
+            data["calibration_dataset"] = {
+                "in_memory_dataset": getattr(source, "_fingerprint", None),
+                "num_rows": getattr(source, "num_rows", None),
+            }
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EvoPressConfig":
+        """Builds a config from `to_dict()` output; unknown keys raise a `ValueError`."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"EvoPressConfig: unknown fields {unknown}; allowed: {sorted(known)}")
+        if isinstance(data.get("calibration_dataset"), dict):
+            raise ValueError(
+                "EvoPressConfig.calibration_dataset: this config was made with an in-memory datasets.Dataset; "
+                "pass the dataset again"
+            )
+        return cls(**data)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(self.to_json_string())
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "EvoPressConfig":
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+        # An `evopress_config.json` written next to a checkpoint wraps the config with the result.
+        if "config" in data and isinstance(data["config"], dict):
+            data = data["config"]
+        return cls.from_dict(data)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Writes `evopress_config.json` into `save_directory` (created if missing)."""
+        os.makedirs(save_directory, exist_ok=True)
+        self.to_json_file(os.path.join(save_directory, CONFIG_NAME))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "EvoPressConfig":
+        """Reads a config from a directory holding `evopress_config.json` (a saved config or checkpoint) or a file."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {CONFIG_NAME} at {path}")
+        return cls.from_json_file(path)

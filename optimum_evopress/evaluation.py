@@ -1,0 +1,49 @@
+"""Perplexity on held-out text, for any causal LM: dense, compressed, or reloaded from disk."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import load_texts, tokenize_to_sequences
+
+__all__ = ["perplexity", "evaluate_perplexity"]
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, sequences: torch.Tensor, batch_size: int = 8, progress: bool = True) -> float:
+    """exp(mean next-token negative log-likelihood) of `model` over token sequences `[n, length]`."""
+    if sequences.ndim != 2 or sequences.shape[1] < 2 or len(sequences) == 0:
+        raise ValueError(f"perplexity needs at least one sequence of >= 2 tokens, got shape {tuple(sequences.shape)}")
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in tqdm(range(0, len(sequences), batch_size), desc="perplexity", disable=not progress):
+        batch = sequences[start:start + batch_size].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits.float()
+        total += F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+        count += batch[:, 1:].numel()
+    return math.exp(total / count)
+
+
+def evaluate_perplexity(model: torch.nn.Module, tokenizer: Any, dataset: Any = "wikipedia", sequence_length: int = 256,
+                        num_tokens: int | None = None, batch_size: int = 8, progress: bool = True, **load_kwargs: Any
+                        ) -> float:
+    """Perplexity of `model` on held-out text.
+
+    Args:
+        model: any causal LM.
+        tokenizer: its tokenizer.
+        dataset: a built-in corpus (its evaluation part, never used for calibration), a path, a Hub dataset
+            name, a `datasets.Dataset` or a list of strings.
+        sequence_length: tokens per sequence.
+        num_tokens: use only the first `num_tokens` tokens (rounded up to whole sequences).
+        load_kwargs: `dataset_config`, `dataset_split`, `text_column` for `load_texts`.
+    """
+    sequences = tokenize_to_sequences(load_texts(dataset, "evaluation", **load_kwargs), tokenizer, sequence_length)
+    if num_tokens is not None:
+        sequences = sequences[: -(-num_tokens // sequence_length)]
+    return perplexity(model, sequences, batch_size=batch_size, progress=progress)

@@ -1,0 +1,248 @@
+"""Depth pruning: removing whole transformer blocks, or their attention and MLP sub-blocks separately.
+
+During the search a removed unit is swapped for a stand-in module that passes the residual stream
+through (no weights are copied; the original module is kept and swapped back). The chosen assignment
+is exported as a standard checkpoint: removed blocks are deleted and the rest renumbered; a removed
+attention or MLP sub-block alone has its output projection zeroed, which gives identical outputs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models import find_decoder
+from ..search.baselines import rank_to_assignment
+from ..search.space import Assignment, LevelSpace
+from .base import CompressionMethod, register_method
+
+__all__ = ["DepthPruning"]
+
+KEPT, DROPPED = "kept", "dropped"
+
+
+class _SkippedBlock(nn.Module):
+    """Stands in for a removed decoder block: the residual stream passes unchanged."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+class _ZeroAttention(nn.Module):
+    """Stands in for a removed attention sub-block: adds nothing to the residual stream."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        return torch.zeros_like(hidden_states), None
+
+
+class _ZeroMLP(nn.Module):
+    """Stands in for a removed MLP sub-block: adds nothing to the residual stream."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.zeros_like(hidden_states)
+
+
+# Per-layer config lists that must follow the blocks when some are removed.
+_PER_LAYER_LISTS = ("layer_types", "no_rope_layers")
+_LAYER_INDEX_LISTS = ("mlp_only_layers",)
+
+
+class DepthPruning(CompressionMethod):
+    """Removes a fraction `target` of the model's blocks (`granularity="block"`) or of its attention and
+    MLP sub-blocks counted together (`granularity="sublayer"`, as in the EvoPress paper)."""
+
+    granularities = ("block", "sublayer")
+    baselines = ("shortgpt", "sliding_window")
+
+    def __init__(self, model: nn.Module, config: Any) -> None:
+        super().__init__(model, config)
+        self.path, self.layers, self.arch = find_decoder(model)
+        self.granularity = config.granularity or "block"
+        self.blocks = list(self.layers)
+        self.attentions = [getattr(block, self.arch.attention) for block in self.blocks]
+        self.mlps = [getattr(block, self.arch.mlp) for block in self.blocks]
+        self._skipped = _SkippedBlock()
+        self._zero_attention = _ZeroAttention()
+        self._zero_mlp = _ZeroMLP()
+        self._state = [(False, False)] * len(self.blocks)  # (attention dropped, mlp dropped) per block
+
+    # ------------------------------------------------------------------ configuration
+    @classmethod
+    def validate_config(cls, config: Any) -> None:
+        super().validate_config(config)
+        if not 0.0 < config.target < 1.0:
+            raise ValueError(f"EvoPressConfig.target: for method 'depth' the fraction of units removed must be in "
+                             f"(0, 1), got {config.target}")
+
+    @classmethod
+    def default_settings(cls, preset: str, space: LevelSpace | None = None) -> dict[str, Any]:
+        if preset == "paper":
+            settings = dict(offspring=32, survivors_per_selection=[2, 1], tokens_per_selection=[2048, 32768],
+                            initial_candidates=16, calibration_tokens=65536, sequence_length=8192)
+        else:
+            settings = dict(offspring=16, survivors_per_selection=[4, 1], tokens_per_selection=[256, 2048],
+                            initial_candidates=8, calibration_tokens=8192, sequence_length=256)
+        if space is not None:
+            n, k = space.num_units, space.budget
+            # The paper runs k(n-k)/1.5 generations; the CPU preset caps them to stay within minutes.
+            generations = max(1, math.ceil(k * (n - k) / 1.5))
+            settings["generations"] = generations if preset == "paper" else min(generations, 40)
+        return settings
+
+    # ------------------------------------------------------------------ search space
+    def unit_names(self) -> list[str]:
+        if self.granularity == "block":
+            return [f"{self.path}.{i}" for i in range(len(self.blocks))]
+        return [f"{self.path}.{i}.{name}" for i in range(len(self.blocks)) for name in (self.arch.attention,
+                                                                                      self.arch.mlp)]
+
+    def level_space(self) -> LevelSpace:
+        units = self.unit_names()
+        budget = round(self.config.target * len(units))
+        if not 1 <= budget <= len(units) - 1:
+            raise ValueError(
+                f"EvoPressConfig.target: {self.config.target} of {len(units)} {self.granularity} units removes "
+                f"{budget}; at least 1 and at most {len(units) - 1} must be removed, so the allowed range is "
+                f"[{0.5 / len(units):.4f}, {1 - 0.5 / len(units):.4f})"
+            )
+        return LevelSpace(units=units, levels=[(KEPT, DROPPED)] * len(units), costs=[(0, 1)] * len(units),
+                          budget=budget)
+
+    def _block_states(self, assignment: Sequence[int]) -> list[tuple[bool, bool]]:
+        if self.granularity == "block":
+            return [(bool(level), bool(level)) for level in assignment]
+        return [(bool(assignment[2 * i]), bool(assignment[2 * i + 1])) for i in range(len(self.blocks))]
+
+    # ------------------------------------------------------------------ swapping
+    def set_levels(self, assignment: Sequence[int]) -> None:
+        for i, state in enumerate(self._block_states(assignment)):
+            if state == self._state[i]:
+                continue
+            attention_dropped, mlp_dropped = state
+            block = self.blocks[i]
+            self.layers[i] = self._skipped if attention_dropped and mlp_dropped else block
+            setattr(block, self.arch.attention, self._zero_attention if attention_dropped else self.attentions[i])
+            setattr(block, self.arch.mlp, self._zero_mlp if mlp_dropped else self.mlps[i])
+            self._state[i] = state
+
+    def reset(self) -> None:
+        self.set_levels([0] * len(self.unit_names()))
+
+    # ------------------------------------------------------------------ export
+    def apply(self, assignment: Assignment) -> nn.Module:
+        """Removes dropped blocks (renumbering the rest) and zeroes the output projection of dropped sub-blocks."""
+        states = self._block_states(assignment)
+        self.reset()
+        removed = [i for i, (attn, mlp) in enumerate(states) if attn and mlp]
+        zeroed = {"attention": [i for i, (attn, mlp) in enumerate(states) if attn and not mlp],
+                  "mlp": [i for i, (attn, mlp) in enumerate(states) if mlp and not attn]}
+        with torch.no_grad():
+            for i in zeroed["attention"]:
+                _zero_linear(getattr(self.attentions[i], self.arch.attention_output))
+            for i in zeroed["mlp"]:
+                _zero_linear(getattr(self.mlps[i], self.arch.mlp_output))
+        if removed:
+            self._remove_blocks(removed)
+        self.model.config.evopress = {
+            "method": "depth",
+            "granularity": self.granularity,
+            "original_num_hidden_layers": len(self.blocks),
+            "removed_blocks": removed,
+            "zeroed_attention_blocks": zeroed["attention"],
+            "zeroed_mlp_blocks": zeroed["mlp"],
+        }
+        return self.model
+
+    def _remove_blocks(self, removed: list[int]) -> None:
+        config = self.model.config
+        old_count = len(self.blocks)
+        kept = [i for i in range(old_count) if i not in set(removed)]
+        new_index = {old: new for new, old in enumerate(kept)}
+        parent_path, _, attribute = self.path.rpartition(".")
+        parent = self.model.get_submodule(parent_path)
+        setattr(parent, attribute, nn.ModuleList([self.blocks[i] for i in kept]))
+        for new, old in enumerate(kept):
+            for module in self.blocks[old].modules():
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = new
+        config.num_hidden_layers = len(kept)
+        for name in _PER_LAYER_LISTS:
+            values = getattr(config, name, None)
+            if isinstance(values, (list, tuple)) and len(values) == old_count:
+                setattr(config, name, [values[i] for i in kept])
+        for name in _LAYER_INDEX_LISTS:
+            values = getattr(config, name, None)
+            if isinstance(values, (list, tuple)):
+                setattr(config, name, [new_index[i] for i in values if i in new_index])
+
+    # ------------------------------------------------------------------ baselines
+    def run_baseline(self, name: str, space: LevelSpace, calibration: torch.Tensor) -> Assignment:
+        """`shortgpt`: remove the units with the lowest block influence (1 - cos(input, output)).
+        `sliding_window`: remove the contiguous run of units whose input and output are closest in angle."""
+        if name not in self.baselines:
+            return super().run_baseline(name, space, calibration)
+        influence, window = self._residual_statistics(calibration, space.budget)
+        if name == "shortgpt":
+            return rank_to_assignment(space, influence)
+        start = min(range(len(window)), key=lambda s: window[s])
+        assignment = [0] * space.num_units
+        for unit in range(start, start + space.budget):
+            assignment[unit] = 1
+        return tuple(assignment)
+
+    @torch.no_grad()
+    def _residual_statistics(self, calibration: torch.Tensor, window_size: int) -> tuple[list[float], list[float]]:
+        """Mean per-token block influence of each unit, and mean angular distance across each window of units."""
+        self.reset()
+        captured: dict[tuple[int, str], torch.Tensor] = {}
+        hooks = []
+
+        def keep(key: tuple[int, str]):
+            def pre_hook(module, args, kwargs):
+                captured[key] = (args[0] if args else kwargs["hidden_states"]).float()
+            return pre_hook
+
+        for i, block in enumerate(self.blocks):
+            hooks.append(block.register_forward_pre_hook(keep((i, "in")), with_kwargs=True))
+            norm = getattr(block, self.arch.mlp_input_norm)
+            hooks.append(norm.register_forward_pre_hook(keep((i, "mid")), with_kwargs=True))
+            hooks.append(block.register_forward_hook(
+                lambda module, args, output, i=i: captured.__setitem__((i, "out"), (
+                    output[0] if isinstance(output, tuple) else output).float())))
+        n_units = len(self.unit_names())
+        influence = torch.zeros(n_units, dtype=torch.float64)
+        window = torch.zeros(n_units - window_size + 1, dtype=torch.float64)
+        tokens = 0
+        device = next(self.model.parameters()).device
+        try:
+            for start in range(0, len(calibration), self.config.batch_size):
+                self.model(input_ids=calibration[start:start + self.config.batch_size].to(device), use_cache=False)
+                boundaries = [captured[(0, "in")]]
+                for i in range(len(self.blocks)):
+                    if self.granularity == "sublayer":
+                        boundaries.append(captured[(i, "mid")])
+                    boundaries.append(captured[(i, "out")])
+                for u in range(n_units):
+                    influence[u] += (1 - F.cosine_similarity(boundaries[u], boundaries[u + 1], dim=-1)).sum().item()
+                for s in range(len(window)):
+                    cos = F.cosine_similarity(boundaries[s], boundaries[s + window_size], dim=-1).clamp(-1, 1)
+                    window[s] += (torch.arccos(cos) / math.pi).sum().item()
+                tokens += boundaries[0].shape[0] * boundaries[0].shape[1]
+                captured.clear()
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return (influence / tokens).tolist(), (window / tokens).tolist()
+
+
+def _zero_linear(linear: nn.Module) -> None:
+    linear.weight.zero_()
+    if getattr(linear, "bias", None) is not None:
+        linear.bias.zero_()
+
+
+register_method("depth", DepthPruning)

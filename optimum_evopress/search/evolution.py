@@ -1,0 +1,229 @@
+"""The (1+lambda) evolutionary search with multi-step selection, elitism and resumable state.
+
+The engine knows nothing about models. It calls `evaluate(candidates, num_tokens, rng)`, which must
+score every candidate on one fresh minibatch of exactly `num_tokens` calibration tokens drawn with
+`rng`, and return one fitness per candidate (lower is better).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .space import Assignment, LevelSpace, level_switch_mutation
+
+__all__ = ["SearchSettings", "SearchResult", "Evaluate", "evolutionary_search", "multi_step_selection"]
+
+logger = logging.getLogger(__name__)
+
+Evaluate = Callable[[Sequence[Assignment], int, np.random.Generator], Sequence[float]]
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """Settings of the evolutionary search (see `EvoPressConfig` for their meaning)."""
+
+    generations: int
+    offspring: int
+    survivors_per_selection: tuple[int, ...]
+    tokens_per_selection: tuple[int, ...]
+    initial_candidates: int = 1
+    max_flips: int = 3
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "generations": self.generations,
+            "offspring": self.offspring,
+            "survivors_per_selection": list(self.survivors_per_selection),
+            "tokens_per_selection": list(self.tokens_per_selection),
+            "initial_candidates": self.initial_candidates,
+            "max_flips": self.max_flips,
+            "seed": self.seed,
+        }
+
+
+@dataclass
+class SearchResult:
+    """What a search found: the assignment, its last fitness, and one history row per generation."""
+
+    assignment: Assignment
+    fitness: float | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def multi_step_selection(
+    candidates: Sequence[Assignment],
+    evaluate: Evaluate,
+    survivors: Sequence[int],
+    tokens: Sequence[int],
+    rng: np.random.Generator,
+    elite: Assignment | None = None,
+) -> tuple[Assignment, float, int]:
+    """Scores candidates on growing token budgets, keeping the best `survivors[i]` after stage `i`.
+
+    The `elite` (the current parent) joins the last stage only, so it is always compared on fresh
+    tokens against the best offspring. Returns the winner, its last score and the tokens used.
+    """
+    pool = list(candidates)
+    score, used = float("nan"), 0
+    for stage, (keep, num_tokens) in enumerate(zip(survivors, tokens)):
+        if stage == len(survivors) - 1 and elite is not None:
+            pool.append(elite)
+        scores = [float(s) for s in evaluate(pool, num_tokens, rng)]
+        used += num_tokens * len(pool)
+        order = sorted(range(len(pool)), key=lambda i: scores[i])  # stable: ties keep the earlier candidate
+        pool = [pool[i] for i in order[:keep]]
+        score = scores[order[0]]
+    return pool[0], score, used
+
+
+def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
+    return rng.bit_generator.state
+
+
+def _new_rngs(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
+    mutation_seed, data_seed = np.random.SeedSequence(seed).spawn(2)
+    return np.random.Generator(np.random.PCG64(mutation_seed)), np.random.Generator(np.random.PCG64(data_seed))
+
+
+def _write_state(path: str, state: dict[str, Any]) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".evopress-state-", dir=directory)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(state, handle)
+    os.replace(tmp, path)
+
+
+def _read_state(path: str, space: LevelSpace, settings: SearchSettings) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            state = json.load(handle)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"resume_from: cannot read search state {path!r}: {err}") from err
+    if state.get("version") != STATE_VERSION:
+        raise ValueError(f"resume_from: {path!r} is not an EvoPress search state (version {state.get('version')!r})")
+    if state.get("space") != space.fingerprint():
+        raise ValueError(f"resume_from: {path!r} was written for another model, method or budget")
+    saved = dict(state.get("settings", {}))
+    current = settings.to_dict()
+    # More generations may be asked for on resume; everything else must match.
+    saved.pop("generations", None)
+    current.pop("generations")
+    if saved != current:
+        raise ValueError(f"resume_from: {path!r} was written with other search settings: {saved} != {current}")
+    parent = tuple(state["parent"])
+    if not space.is_valid(parent):
+        raise ValueError(f"resume_from: {path!r} holds an assignment that is not valid in this space")
+    return state
+
+
+def evolutionary_search(
+    space: LevelSpace,
+    evaluate: Evaluate,
+    settings: SearchSettings,
+    checkpoint_path: str | None = None,
+    resume_from: str | None = None,
+    progress: bool = True,
+) -> SearchResult:
+    """Runs the (1+lambda) evolutionary search of EvoPress on `space`.
+
+    Each generation mutates the parent into `offspring` distinct children (each with
+    min(U(1, max_flips), U(1, max_flips)) level switches; the parent and duplicates are rejected),
+    selects among them with `multi_step_selection`, and lets the parent compete in the last stage.
+    The same seed gives the same result, and a run resumed from a state written after generation g
+    continues exactly as the uninterrupted run.
+
+    Args:
+        space: units, levels, costs and budget.
+        evaluate: scores candidates on a fresh minibatch of tokens (lower is better).
+        settings: generations, offspring, selection stages, initial candidates, flips and seed.
+        checkpoint_path: where to write the search state after each generation.
+        resume_from: a state written by an earlier run with the same space and settings.
+        progress: show a tqdm bar.
+    """
+    mutation_rng, data_rng = _new_rngs(settings.seed)
+    history: list[dict[str, Any]] = []
+    if resume_from is not None and os.path.exists(resume_from):
+        state = _read_state(resume_from, space, settings)
+        parent, parent_fitness = tuple(state["parent"]), state["parent_fitness"]
+        mutation_rng.bit_generator.state = state["mutation_rng"]
+        data_rng.bit_generator.state = state["data_rng"]
+        history = state["history"]
+        start = state["generation"]
+        logger.info("resuming the search at generation %d from %s", start, resume_from)
+    else:
+        if resume_from is not None:
+            raise FileNotFoundError(f"resume_from: no search state at {resume_from!r}")
+        start_time = time.perf_counter()
+        pool: list[Assignment] = []
+        for _ in range(settings.initial_candidates * 4):
+            candidate = space.random_assignment(mutation_rng)
+            if candidate not in pool:
+                pool.append(candidate)
+            if len(pool) == settings.initial_candidates:
+                break
+        if len(pool) > 1:
+            parent, parent_fitness, used = multi_step_selection(
+                pool, evaluate, _fit_stages(settings.survivors_per_selection, len(pool)),
+                settings.tokens_per_selection, data_rng,
+            )
+        else:
+            parent, parent_fitness, used = pool[0], None, 0
+        history.append({"generation": 0, "fitness": parent_fitness, "tokens": used,
+                        "seconds": time.perf_counter() - start_time})
+        start = 0
+
+    bar = tqdm(total=settings.generations, initial=min(start, settings.generations), desc="EvoPress search",
+               unit="gen", disable=not progress)
+    for generation in range(start, settings.generations):
+        start_time = time.perf_counter()
+        children: list[Assignment] = []
+        for _ in range(settings.offspring * 20):
+            flips = min(int(mutation_rng.integers(1, settings.max_flips + 1)),
+                        int(mutation_rng.integers(1, settings.max_flips + 1)))
+            child = level_switch_mutation(space, parent, mutation_rng, flips)
+            if child != parent and child not in children:
+                children.append(child)
+            if len(children) == settings.offspring:
+                break
+        if not children:
+            logger.warning("no assignment differs from the parent; the space is exhausted")
+            break
+        parent, parent_fitness, used = multi_step_selection(
+            children, evaluate, _fit_stages(settings.survivors_per_selection, len(children)),
+            settings.tokens_per_selection, data_rng, elite=parent,
+        )
+        history.append({"generation": generation + 1, "fitness": parent_fitness, "tokens": used,
+                        "seconds": time.perf_counter() - start_time})
+        if checkpoint_path is not None:
+            _write_state(checkpoint_path, {
+                "version": STATE_VERSION,
+                "space": space.fingerprint(),
+                "settings": settings.to_dict(),
+                "generation": generation + 1,
+                "parent": list(parent),
+                "parent_fitness": parent_fitness,
+                "mutation_rng": _rng_state(mutation_rng),
+                "data_rng": _rng_state(data_rng),
+                "history": history,
+            })
+        bar.update(1)
+        bar.set_postfix(fitness=f"{parent_fitness:.4g}")
+    bar.close()
+    return SearchResult(assignment=parent, fitness=parent_fitness, history=history)
+
+
+def _fit_stages(survivors: Sequence[int], pool_size: int) -> list[int]:
+    """Caps the survivors of each stage at the pool size (small spaces may yield fewer offspring)."""
+    return [min(keep, pool_size) for keep in survivors]
