@@ -103,7 +103,7 @@ class EvoPressConfig:
     calibration_tokens: int | None = field(default=None, metadata={"help": "Calibration tokens in total."})
     sequence_length: int | None = field(default=None, metadata={"help": "Tokens per calibration sequence."})
     evaluation_tokens: int = field(
-        default=32768, metadata={"help": "Held-out tokens for the perplexity reported after compression (0: none)."}
+        default=8192, metadata={"help": "Held-out tokens for the perplexity reported after compression (0: none)."}
     )
     batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass."})
     seed: int = field(default=0, metadata={"help": "Seed of the search and of calibration sampling."})

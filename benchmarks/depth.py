@@ -1,0 +1,123 @@
+"""Depth pruning on SmolLM2-135M: EvoPress against every baseline, at the same budget and on the same data.
+
+Calibration: the built-in Wikipedia corpus (calibration articles). Evaluation: perplexity and KL to
+the dense model on held-out Wikipedia articles and on Shakespeare plays never used for calibration.
+Brute force is left out: removing 8 of 30 blocks alone has 5.8 million assignments.
+
+    python benchmarks/depth.py                      # full table (~1 hour on 2 CPU cores)
+    python benchmarks/depth.py --cases block:0.25   # one case
+
+Prints a table and writes JSON (default benchmarks/results/depth.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import torch
+
+from optimum_evopress import EvoPressCompressor, EvoPressConfig, perplexity
+from optimum_evopress.data import load_texts, tokenize_to_sequences
+from optimum_evopress.fitness import FitnessEvaluator
+from optimum_evopress.models import load_default_model
+
+SEARCHES = ("evolution", "shortgpt", "sliding_window", "one_at_a_time", "random")
+CASES = ("block:0.25", "block:0.5", "sublayer:0.25", "sublayer:0.5")
+
+
+def held_out(tokenizer, sequence_length, num_sequences):
+    return {name: tokenize_to_sequences(load_texts(name, "evaluation"), tokenizer, sequence_length)[:num_sequences]
+            for name in ("wikipedia", "shakespeare")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=list(CASES), help="granularity:target pairs")
+    parser.add_argument("--searches", nargs="+", default=list(SEARCHES))
+    parser.add_argument("--generations", type=int, default=None, help="override the cpu preset's generations")
+    parser.add_argument("--eval-sequences", type=int, default=32, help="held-out sequences of 256 tokens per corpus")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "depth.json"))
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+
+    dense, tokenizer = load_default_model(dtype)
+    evaluation = held_out(tokenizer, 256, args.eval_sequences)
+    references = {}
+    rows = [{"case": "dense", "search": "-", **{f"ppl_{name}": perplexity(dense, seqs, progress=False)
+                                                for name, seqs in evaluation.items()}}]
+    for name, seqs in evaluation.items():
+        references[name] = FitnessEvaluator(dense, seqs, "kl", batch_size=8)
+        references[name].cache_teacher(progress=False)
+    del dense
+
+    for case in args.cases:
+        granularity, target = case.split(":")
+        for search in args.searches:
+            model, _ = load_default_model(dtype)
+            config = EvoPressConfig(method="depth", target=float(target), granularity=granularity, search=search,
+                                    preset="cpu", generations=args.generations, evaluation_tokens=0, seed=args.seed)
+            compressor = EvoPressCompressor(model, tokenizer)
+            start = time.perf_counter()
+            compressor.compress(config, progress=False)
+            seconds = time.perf_counter() - start
+            result = compressor.result
+            row = {"case": case, "search": search, "search_seconds": result.timings["search"],
+                   "total_seconds": seconds,
+                   "dropped": [unit for unit, level in result.levels.items() if level == "dropped"]}
+            for name, seqs in evaluation.items():
+                row[f"ppl_{name}"] = perplexity(model, seqs, progress=False)
+                references[name].model = model
+                row[f"kl_{name}"] = references[name].score([(i, seqs.shape[1]) for i in range(len(seqs))])
+            if search == "evolution":
+                t = result.timings
+                generations = len(result.history) - 1
+                other = t["search"] - t["search_forward"] - t["search_fitness"] - t["search_swap"]
+                row["generation"] = {
+                    "generations": generations,
+                    "seconds_per_generation": t["search"] / max(generations, 1),
+                    "forward_share": t["search_forward"] / t["search"],
+                    "fitness_arithmetic_share": t["search_fitness"] / t["search"],
+                    "swap_share": t["search_swap"] / t["search"],
+                    "engine_share": other / t["search"],
+                }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+    print()
+    header = f"{'case':<15}{'search':<16}{'wiki ppl':>10}{'shakesp. ppl':>14}{'wiki KL':>9}{'shak. KL':>10}{'search s':>10}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        print(f"{row['case']:<15}{row['search']:<16}{row['ppl_wikipedia']:>10.2f}{row['ppl_shakespeare']:>14.2f}"
+              f"{row.get('kl_wikipedia', 0):>9.3f}{row.get('kl_shakespeare', 0):>10.3f}"
+              f"{row.get('search_seconds', 0):>10.1f}")
+    verdict = {}
+    for case in args.cases:
+        case_rows = {r["search"]: r for r in rows if r["case"] == case}
+        if "evolution" in case_rows:
+            evo = case_rows.pop("evolution")
+            verdict[case] = all(evo[f"ppl_{n}"] < r[f"ppl_{n}"] for r in case_rows.values()
+                                for n in ("wikipedia",))
+    print("\nEvoPress beats every baseline on held-out Wikipedia perplexity:", verdict)
+    for row in rows:
+        if "generation" in row:
+            g = row["generation"]
+            print(f"{row['case']}: {g['seconds_per_generation']:.1f}s/generation; forward {g['forward_share']:.1%}, "
+                  f"fitness arithmetic {g['fitness_arithmetic_share']:.1%}, swaps {g['swap_share']:.2%}, "
+                  f"search engine {g['engine_share']:.2%}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w", encoding="utf-8") as handle:
+        json.dump({"rows": rows, "beats_every_baseline": verdict, "settings": vars(args),
+                   "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
+                               "torch": torch.__version__}}, handle, indent=2)
+    print("wrote", args.output)
+
+
+if __name__ == "__main__":
+    main()

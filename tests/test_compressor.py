@@ -1,0 +1,143 @@
+import json
+import os
+
+import pytest
+import torch
+
+import optimum_evopress.compressor as compressor_module
+from conftest import corpus, make_model, reload_in_fresh_process
+from optimum_evopress import EvoPressCompressor, EvoPressConfig
+from optimum_evopress.configuration import CONFIG_NAME
+
+IDS = torch.randint(2, 150, (2, 20), generator=torch.Generator().manual_seed(3))
+
+
+def small_config(**overrides):
+    settings = dict(method="depth", target=0.34, calibration_dataset=corpus(), sequence_length=16,
+                    calibration_tokens=256, evaluation_tokens=64, offspring=4, survivors_per_selection=[2, 1],
+                    tokens_per_selection=[32, 128], generations=3, initial_candidates=2, batch_size=4)
+    settings.update(overrides)
+    return EvoPressConfig(**settings)
+
+
+def test_compress_save_and_reload_with_plain_transformers(tokenizer, tmp_path):
+    model = make_model()
+    compressor = EvoPressCompressor(model, tokenizer)
+    config = small_config()
+    compressed = compressor.compress(config, progress=False)
+    assert compressed is model
+    result = compressor.result
+    dropped = [unit for unit, level in result.levels.items() if level == "dropped"]
+    assert len(result.levels) == 6 and len(dropped) == 2 == result.budget["cost"] == result.budget["budget"]
+    assert compressed.config.num_hidden_layers == 4
+    assert [row["generation"] for row in result.history] == [0, 1, 2, 3]
+    assert all(row["tokens"] > 0 and row["seconds"] >= 0 and row["fitness"] >= 0 for row in result.history)
+    assert result.perplexity["compressed"] > 0 and result.perplexity["dense"] > 0
+    with torch.no_grad():
+        expected = compressed(input_ids=IDS).logits
+    compressed.save_pretrained(tmp_path / "plain")
+    compressor.save_pretrained(tmp_path / "full")
+    record = json.loads((tmp_path / "full" / CONFIG_NAME).read_text())
+    assert record["levels"] == result.levels and record["config"] == config.to_dict()
+    assert {"transformers", "torch", "optimum_evopress"} <= set(record["versions"])
+    assert EvoPressConfig.from_pretrained(tmp_path / "full") == config
+    assert (tmp_path / "full" / "tokenizer.json").is_file()
+    reloaded = reload_in_fresh_process([tmp_path / "plain", tmp_path / "full"], IDS, tmp_path)
+    for out in reloaded.values():
+        torch.testing.assert_close(out["logits"], expected, rtol=0, atol=0)
+        assert out["num_hidden_layers"] == 4
+
+
+@pytest.mark.parametrize("search", ["random", "brute_force", "one_at_a_time", "shortgpt", "sliding_window"])
+def test_baselines_share_the_api_and_meet_the_budget(tokenizer, search):
+    compressor = EvoPressCompressor(make_model(), tokenizer)
+    compressor.compress(small_config(search=search, evaluation_tokens=0), progress=False)
+    assert sum(level == "dropped" for level in compressor.result.levels.values()) == 2
+    assert compressor.result.search == search
+
+
+def test_brute_force_is_at_least_as_good_as_every_other_assignment(tokenizer):
+    compressor = EvoPressCompressor(make_model(), tokenizer)
+    compressor.compress(small_config(search="brute_force", evaluation_tokens=0), progress=False)
+    assert compressor.result.fitness is not None and compressor.result.fitness > 0
+
+
+@pytest.mark.parametrize("fitness", ["kl", "topk_kl", "ppl"])
+def test_every_fitness_runs_and_the_search_is_deterministic(tokenizer, fitness):
+    levels = []
+    for _ in range(2):
+        compressor = EvoPressCompressor(make_model(), tokenizer)
+        compressor.compress(small_config(fitness=fitness, topk=8, evaluation_tokens=0), progress=False)
+        levels.append(compressor.result.levels)
+    assert levels[0] == levels[1]
+
+
+def test_resume_through_the_compressor(tokenizer, tmp_path):
+    state = str(tmp_path / "state.json")
+    full = EvoPressCompressor(make_model(), tokenizer)
+    full.compress(small_config(generations=4, evaluation_tokens=0), progress=False)
+    EvoPressCompressor(make_model(), tokenizer).compress(
+        small_config(generations=2, evaluation_tokens=0, checkpoint_path=state), progress=False)
+    resumed = EvoPressCompressor(make_model(), tokenizer)
+    resumed.compress(small_config(generations=4, evaluation_tokens=0, checkpoint_path=state, resume_from=state),
+                     progress=False)
+    assert resumed.result.levels == full.result.levels
+    assert [r["fitness"] for r in resumed.result.history] == [r["fitness"] for r in full.result.history]
+
+
+@pytest.fixture
+def no_data_loading(monkeypatch):
+    """Fails the test if the compressor gets as far as loading data."""
+    def fail(*args, **kwargs):
+        raise AssertionError("expensive work started before the input was checked")
+    monkeypatch.setattr(compressor_module, "prepare_token_data", fail)
+
+
+def test_non_empty_output_directory_fails_first(tokenizer, tmp_path, no_data_loading):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty"):
+        EvoPressCompressor(make_model(), tokenizer).compress(small_config(), save_dir=tmp_path / "out")
+    assert os.listdir(tmp_path / "out") == ["keep.txt"]
+
+
+def test_text_without_tokenizer_fails_first(tmp_path, no_data_loading):
+    with pytest.raises(ValueError, match="tokenizer"):
+        EvoPressCompressor(make_model()).compress(small_config(), save_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_without_decoder_blocks_fails_first(tokenizer, no_data_loading):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with pytest.raises(ValueError, match="not supported"):
+        EvoPressCompressor(GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2)), tokenizer).compress(
+            small_config())
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        EvoPressCompressor("not a model")
+
+
+def test_unreachable_target_fails_first(tokenizer, no_data_loading):
+    with pytest.raises(ValueError, match="target"):
+        EvoPressCompressor(make_model(), tokenizer).compress(small_config(target=0.95))
+
+
+def test_stage_tokens_beyond_the_calibration_set(tokenizer, no_data_loading):
+    with pytest.raises(ValueError, match="tokens_per_selection"):
+        small_config(tokens_per_selection=[32, 512])
+    # Also when the offending value comes from the preset's defaults (cpu: more tokens in the last stage).
+    with pytest.raises(ValueError, match="tokens_per_selection"):
+        EvoPressConfig(preset="cpu", calibration_tokens=600, calibration_dataset=corpus())
+
+
+def test_interrupted_save_leaves_nothing_behind(tokenizer, tmp_path, monkeypatch):
+    compressor = EvoPressCompressor(make_model(), tokenizer)
+    compressor.compress(small_config(evaluation_tokens=0), progress=False)
+
+    def broken(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tokenizer, "save_pretrained", broken)
+    with pytest.raises(KeyboardInterrupt):
+        compressor.save_pretrained(tmp_path / "out")
+    assert os.listdir(tmp_path) == []

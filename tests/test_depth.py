@@ -1,0 +1,104 @@
+import pytest
+import torch
+
+from conftest import make_model, reload_in_fresh_process
+from optimum_evopress import EvoPressConfig
+from optimum_evopress.methods import DepthPruning
+from optimum_evopress.models import ARCHITECTURES
+
+IDS = torch.randint(2, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def generate(model):
+    with torch.no_grad():
+        return model.generate(IDS[:1, :8], max_new_tokens=8, do_sample=False, use_cache=True,
+                              pad_token_id=model.config.pad_token_id)
+
+
+@pytest.mark.parametrize("granularity", ["block", "sublayer"])
+def test_swaps_are_reversible_and_match_the_exported_model(granularity, tmp_path):
+    paths, expected = [], {}
+    for model_type in sorted(ARCHITECTURES):
+        model = make_model(model_type)
+        dense = logits(model)
+        method = DepthPruning(model, EvoPressConfig(target=0.34, granularity=granularity))
+        space = method.level_space()
+        if granularity == "block":
+            assignment = (0, 1, 0, 1, 0, 0)  # blocks 1 and 3
+        else:  # attention of block 0, MLP of block 2, both halves of block 4
+            assignment = (1, 0, 0, 0, 0, 1, 0, 0, 1, 1, 0, 0)
+        assert space.cost(assignment) == space.budget
+        method.set_levels(assignment)
+        searched = logits(model)
+        assert not torch.allclose(searched, dense)
+        method.reset()
+        torch.testing.assert_close(logits(model), dense, rtol=0, atol=0)
+        method.set_levels(assignment)
+        compressed = method.apply(assignment)
+        torch.testing.assert_close(logits(compressed), searched, rtol=1e-5, atol=1e-5)
+        assert compressed.config.num_hidden_layers == (4 if granularity == "block" else 5)
+        layers = compressed.model.layers
+        assert [layer.self_attn.layer_idx for layer in layers] == list(range(len(layers)))
+        if getattr(compressed.config, "layer_types", None) is not None:
+            assert len(compressed.config.layer_types) == len(layers)
+        if granularity == "sublayer":
+            assert compressed.config.evopress["zeroed_attention_blocks"] == [0]
+            assert compressed.config.evopress["zeroed_mlp_blocks"] == [2]
+            assert compressed.config.evopress["removed_blocks"] == [4]
+            assert torch.count_nonzero(layers[0].self_attn.o_proj.weight) == 0
+        else:
+            assert compressed.config.evopress["removed_blocks"] == [1, 3]
+        expected[model_type] = (logits(compressed), generate(compressed))
+        path = tmp_path / model_type
+        compressed.save_pretrained(path)
+        paths.append(path)
+    reloaded = reload_in_fresh_process(paths, IDS, tmp_path)
+    for model_type, path in zip(sorted(ARCHITECTURES), paths):
+        torch.testing.assert_close(reloaded[str(path)]["logits"], expected[model_type][0], rtol=0, atol=0)
+        assert torch.equal(reloaded[str(path)]["generated"], expected[model_type][1])
+
+
+def test_gemma3_keeps_its_sliding_window_pattern():
+    model = make_model("gemma3_text")
+    types = list(model.config.layer_types)
+    method = DepthPruning(model, EvoPressConfig(target=0.34))
+    method.apply((0, 0, 0, 0, 1, 1))
+    assert model.config.layer_types == types[:4]
+
+
+def test_unknown_architecture_is_rejected():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="gpt2.*not supported"):
+        DepthPruning(model, EvoPressConfig())
+
+
+@pytest.mark.parametrize("target, removed", [(0.01, 0), (0.99, 6)])
+def test_targets_the_space_cannot_reach(target, removed):
+    method = DepthPruning(make_model(), EvoPressConfig(target=target))
+    with pytest.raises(ValueError, match=f"removes {removed}.*allowed range"):
+        method.level_space()
+
+
+@pytest.mark.parametrize("granularity", ["block", "sublayer"])
+def test_residual_baselines(granularity):
+    model = make_model(num_layers=8)
+    method = DepthPruning(model, EvoPressConfig(target=0.25, granularity=granularity))
+    space = method.level_space()
+    calibration = torch.randint(2, 300, (4, 32), generator=torch.Generator().manual_seed(1))
+    shortgpt = method.run_baseline("shortgpt", space, calibration)
+    window = method.run_baseline("sliding_window", space, calibration)
+    assert space.is_valid(shortgpt) and space.is_valid(window)
+    dropped = [i for i, level in enumerate(window) if level]
+    assert dropped == list(range(dropped[0], dropped[0] + space.budget))  # one contiguous run
+    # The search-time swaps are undone: the model is dense again.
+    assert all(a == (False, False) for a in method._state)
+    influence, _ = method._residual_statistics(calibration, space.budget)
+    assert shortgpt == tuple(int(i in sorted(range(len(influence)), key=influence.__getitem__)[:space.budget])
+                             for i in range(space.num_units))

@@ -1,0 +1,128 @@
+import itertools
+
+import numpy as np
+import pytest
+
+from optimum_evopress.search import (LevelSpace, SearchSettings, brute_force_search, evolutionary_search,
+                                     multi_step_selection, one_at_a_time_search, random_search)
+
+N, K = 12, 4
+WEIGHTS = np.random.default_rng(42).uniform(0.1, 1.0, N)
+
+
+def space():
+    return LevelSpace(units=[f"u{i}" for i in range(N)], levels=[("kept", "dropped")] * N, costs=[(0, 1)] * N,
+                      budget=K)
+
+
+def true_fitness(assignment):
+    a = np.array(assignment)
+    # Not additive: dropping neighbours together costs extra, as with real blocks.
+    return float(a @ WEIGHTS + 0.5 * np.sum(a[1:] * a[:-1]))
+
+
+def make_evaluate(noise=0.0, log=None):
+    def evaluate(candidates, num_tokens, rng):
+        offset = rng.normal(0, noise / np.sqrt(num_tokens), size=len(candidates)) if noise else [0.0] * len(candidates)
+        if log is not None:
+            log.append((list(candidates), num_tokens))
+        return [true_fitness(c) + o for c, o in zip(candidates, offset)]
+    return evaluate
+
+
+SETTINGS = SearchSettings(generations=40, offspring=8, survivors_per_selection=(3, 1), tokens_per_selection=(64, 512),
+                          initial_candidates=4, max_flips=3, seed=0)
+
+
+def optimum():
+    return min((c for c in itertools.product((0, 1), repeat=N) if sum(c) == K), key=true_fitness)
+
+
+def test_finds_the_optimum_of_a_non_additive_problem():
+    result = evolutionary_search(space(), make_evaluate(noise=0.5), SETTINGS, progress=False)
+    assert space().is_valid(result.assignment)
+    assert result.assignment == optimum()
+    assert len(result.history) == SETTINGS.generations + 1
+
+
+def test_parent_fitness_never_gets_worse_without_noise():
+    result = evolutionary_search(space(), make_evaluate(), SETTINGS, progress=False)
+    values = [row["fitness"] for row in result.history]
+    assert all(b <= a for a, b in zip(values, values[1:]))
+
+
+def test_offspring_are_distinct_and_selection_follows_the_stages():
+    log = []
+    evolutionary_search(space(), make_evaluate(log=log), SearchSettings(**{**SETTINGS.__dict__, "generations": 3}),
+                        progress=False)
+    generation_calls = log[2:]  # the initial best-of-4 used two stages too
+    for stage1, stage2 in zip(generation_calls[0::2], generation_calls[1::2]):
+        children, tokens1 = stage1
+        finalists, tokens2 = stage2
+        assert (tokens1, tokens2) == (64, 512)
+        assert len(children) == 8 and len(set(children)) == 8
+        assert len(finalists) == 3 + 1  # three survivors and the parent (elitism)
+        assert finalists[-1] not in children  # the parent is never its own offspring
+
+
+def test_same_seed_same_result_and_other_seed_other_path():
+    a = evolutionary_search(space(), make_evaluate(noise=1.0), SETTINGS, progress=False)
+    b = evolutionary_search(space(), make_evaluate(noise=1.0), SETTINGS, progress=False)
+    c = evolutionary_search(space(), make_evaluate(noise=1.0), SearchSettings(**{**SETTINGS.__dict__, "seed": 1}),
+                            progress=False)
+    assert a.assignment == b.assignment
+    assert [r["fitness"] for r in a.history] == [r["fitness"] for r in b.history]
+    assert [r["fitness"] for r in a.history] != [r["fitness"] for r in c.history]
+
+
+def test_resumed_search_continues_exactly(tmp_path):
+    state = tmp_path / "state.json"
+    full = evolutionary_search(space(), make_evaluate(noise=1.0), SETTINGS, progress=False)
+    short = SearchSettings(**{**SETTINGS.__dict__, "generations": 15})
+    evolutionary_search(space(), make_evaluate(noise=1.0), short, checkpoint_path=str(state), progress=False)
+    resumed = evolutionary_search(space(), make_evaluate(noise=1.0), SETTINGS, checkpoint_path=str(state),
+                                  resume_from=str(state), progress=False)
+    assert resumed.assignment == full.assignment
+    assert [r["fitness"] for r in resumed.history] == [r["fitness"] for r in full.history]
+
+
+def test_resume_rejects_another_space_or_settings(tmp_path):
+    state = tmp_path / "state.json"
+    evolutionary_search(space(), make_evaluate(), SearchSettings(**{**SETTINGS.__dict__, "generations": 2}),
+                        checkpoint_path=str(state), progress=False)
+    other_space = LevelSpace(units=space().units, levels=space().levels, costs=space().costs, budget=K + 1)
+    with pytest.raises(ValueError, match="another model"):
+        evolutionary_search(other_space, make_evaluate(), SETTINGS, resume_from=str(state), progress=False)
+    with pytest.raises(ValueError, match="other search settings"):
+        evolutionary_search(space(), make_evaluate(), SearchSettings(**{**SETTINGS.__dict__, "offspring": 5}),
+                            resume_from=str(state), progress=False)
+    state.write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read"):
+        evolutionary_search(space(), make_evaluate(), SETTINGS, resume_from=str(state), progress=False)
+    with pytest.raises(FileNotFoundError):
+        evolutionary_search(space(), make_evaluate(), SETTINGS, resume_from=str(tmp_path / "none.json"),
+                            progress=False)
+
+
+def test_multi_step_selection_keeps_the_elite_when_it_is_best():
+    best = optimum()
+    worse = [c for c in itertools.islice(itertools.product((0, 1), repeat=N), 5000) if sum(c) == K][:6]
+    winner, score, used = multi_step_selection(worse, make_evaluate(), (2, 1), (10, 20),
+                                               np.random.default_rng(0), elite=best)
+    assert winner == best and score == true_fitness(best) and used == 6 * 10 + 3 * 20
+
+
+def test_small_space_yields_fewer_offspring_without_hanging():
+    tiny = LevelSpace(units=["a", "b", "c"], levels=[(0, 1)] * 3, costs=[(0, 1)] * 3, budget=1)
+    result = evolutionary_search(tiny, lambda cands, n, rng: [float(sum(i * x for i, x in enumerate(c))) for c in cands],
+                                 SearchSettings(generations=3, offspring=8, survivors_per_selection=(4, 1),
+                                                tokens_per_selection=(1, 2)), progress=False)
+    assert result.assignment == (1, 0, 0)
+
+
+def test_generic_baselines():
+    evaluate = make_evaluate()
+    assert brute_force_search(space(), evaluate, 16, progress=False).assignment == optimum()
+    ranked = one_at_a_time_search(space(), evaluate, 16).assignment
+    assert ranked == tuple(int(i in np.argsort(WEIGHTS)[:K]) for i in range(N))
+    assert space().is_valid(random_search(space(), seed=3).assignment)

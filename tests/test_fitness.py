@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_model
+from optimum_evopress import EvoPressConfig
+from optimum_evopress.fitness import FitnessEvaluator, draw_minibatch, teacher_cache_bytes
+from optimum_evopress.methods import DepthPruning
+
+SEQUENCES = torch.randint(2, 300, (6, 16), generator=torch.Generator().manual_seed(0))
+
+
+def reference_kl(teacher_logits, student_logits):
+    p = F.log_softmax(teacher_logits.double(), -1)
+    q = F.log_softmax(student_logits.double(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+@pytest.fixture
+def setup():
+    model = make_model()
+    with torch.no_grad():
+        dense_logits = model(input_ids=SEQUENCES).logits
+    method = DepthPruning(model, EvoPressConfig(target=0.34))
+    return model, dense_logits, method
+
+
+def test_kl_is_zero_for_the_dense_model_and_exact_otherwise(setup):
+    model, dense_logits, method = setup
+    evaluator = FitnessEvaluator(model, SEQUENCES, "kl", batch_size=4)
+    evaluator.cache_teacher(progress=False)
+    everything = [(i, 16) for i in range(6)]
+    assert abs(evaluator.score(everything)) < 1e-5
+    method.set_levels((0, 1, 0, 1, 0, 0))
+    with torch.no_grad():
+        student_logits = model(input_ids=SEQUENCES).logits
+    expected = reference_kl(dense_logits, student_logits)
+    assert expected > 0.01
+    assert evaluator.score(everything) == pytest.approx(expected, rel=2e-3)
+    # A partial sequence scores the first tokens only (causal models: same as the full sequence's prefix).
+    assert evaluator.score([(2, 5)]) == pytest.approx(reference_kl(dense_logits[2, :5], student_logits[2, :5]),
+                                                        rel=2e-3)
+    assert evaluator.cache_bytes() == teacher_cache_bytes("kl", SEQUENCES.numel(), 320, 0)
+
+
+def test_topk_kl_is_a_lower_bound_that_becomes_exact_with_the_whole_vocabulary(setup):
+    model, dense_logits, method = setup
+    batch = [(i, 16) for i in range(6)]
+    scores = {}
+    for k in (8, 320):
+        evaluator = FitnessEvaluator(model, SEQUENCES, "topk_kl", topk=k, batch_size=4)
+        method.reset()
+        evaluator.cache_teacher(progress=False)
+        assert evaluator.cache_bytes() == teacher_cache_bytes("topk_kl", SEQUENCES.numel(), 320, k)
+        assert abs(evaluator.score(batch)) < 1e-4
+        method.set_levels((0, 1, 0, 1, 0, 0))
+        scores[k] = evaluator.score(batch)
+    with torch.no_grad():
+        full = reference_kl(dense_logits, model(input_ids=SEQUENCES).logits)
+    assert 0 < scores[8] <= full + 1e-5
+    assert scores[320] == pytest.approx(full, rel=1e-3)
+
+
+def test_perplexity_fitness_is_the_mean_negative_log_likelihood(setup):
+    model, _, method = setup
+    method.set_levels((1, 0, 0, 0, 0, 1))
+    evaluator = FitnessEvaluator(model, SEQUENCES, "ppl", batch_size=4)
+    with torch.no_grad():
+        out = model(input_ids=SEQUENCES).logits
+    expected = F.cross_entropy(out[:, :-1].flatten(0, 1), SEQUENCES[:, 1:].flatten()).item()
+    assert evaluator.score([(i, 16) for i in range(6)]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_minibatches_hold_exactly_the_tokens_asked_for():
+    rng = np.random.default_rng(0)
+    for tokens in (1, 16, 40, 96):
+        batch = draw_minibatch(6, 16, tokens, rng)
+        assert sum(n for _, n in batch) == tokens
+        assert len({i for i, _ in batch}) == len(batch)
+    with pytest.raises(ValueError, match="97 tokens"):
+        draw_minibatch(6, 16, 97, rng)
+
+
+def test_score_before_caching_is_an_error(setup):
+    with pytest.raises(RuntimeError, match="cache_teacher"):
+        FitnessEvaluator(setup[0], SEQUENCES, "kl").score([(0, 4)])
