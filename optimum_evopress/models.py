@@ -59,12 +59,9 @@ def find_decoder(model: nn.Module) -> tuple[str, nn.ModuleList, DecoderArchitect
             f"[evopress] model type {model_type!r} ({type(model).__name__}) is not supported; supported decoder "
             f"architectures: {sorted(ARCHITECTURES)}"
         )
-    for path in ("model.layers", "model.language_model.layers"):
-        module: nn.Module | None = model
-        for part in path.split("."):
-            module = getattr(module, part, None)
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            return path, module, ARCHITECTURES[model_type]
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+        return "model.layers", layers, ARCHITECTURES[model_type]
     raise ValueError(f"[evopress] no decoder blocks found in {type(model).__name__}: expected `model.layers`")
 
 

@@ -51,6 +51,8 @@ class CompressionMethod:
     def __init__(self, model: torch.nn.Module, config: "EvoPressConfig") -> None:
         self.model = model
         self.config = config
+        # The first granularity a method lists is its default.
+        self.granularity = config.granularity or (self.granularities[0] if self.granularities else None)
 
     @classmethod
     def validate_config(cls, config: "EvoPressConfig") -> None:

@@ -61,7 +61,6 @@ class DepthPruning(CompressionMethod):
     def __init__(self, model: nn.Module, config: Any) -> None:
         super().__init__(model, config)
         self.path, self.layers, self.arch = find_decoder(model)
-        self.granularity = config.granularity or "block"
         self.blocks = list(self.layers)
         self.attentions = [getattr(block, self.arch.attention) for block in self.blocks]
         self.mlps = [getattr(block, self.arch.mlp) for block in self.blocks]

