@@ -4,7 +4,7 @@ Calibration: the built-in Wikipedia corpus (calibration articles). Evaluation: p
 the dense model on held-out Wikipedia articles and on Shakespeare plays never used for calibration.
 Brute force is left out: removing 8 of 30 blocks alone has 5.8 million assignments.
 
-    python benchmarks/depth.py                      # full table (~1 hour on 2 CPU cores)
+    python benchmarks/depth.py                      # full table (about an hour on 2 CPU cores)
     python benchmarks/depth.py --cases block:0.25   # one case
 
 Prints a table and writes JSON (default benchmarks/results/depth.json).
@@ -38,13 +38,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=list(CASES), help="granularity:target pairs")
     parser.add_argument("--searches", nargs="+", default=list(SEARCHES))
-    parser.add_argument("--generations", type=int, default=None, help="override the cpu preset's generations")
+    parser.add_argument("--generations", nargs="*", default=["block:0.25=80", "block:0.5=100", "sublayer:0.25=100",
+                                                              "sublayer:0.5=100"], metavar="CASE=N",
+                        help="generations per case (the cpu preset caps them at 40 for the 10-minute main command)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=JSON",
+                        help="override EvoPressConfig fields, e.g. --set offspring=8 'tokens_per_selection=[512,2048]'")
     parser.add_argument("--eval-sequences", type=int, default=32, help="held-out sequences of 256 tokens per corpus")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "depth.json"))
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
+    generations = {case: int(n) for case, n in (item.split("=") for item in args.generations)}
 
     dense, tokenizer = load_default_model(dtype)
     evaluation = held_out(tokenizer, 256, args.eval_sequences)
@@ -60,8 +65,10 @@ def main() -> None:
         granularity, target = case.split(":")
         for search in args.searches:
             model, _ = load_default_model(dtype)
-            config = EvoPressConfig(method="depth", target=float(target), granularity=granularity, search=search,
-                                    preset="cpu", generations=args.generations, evaluation_tokens=0, seed=args.seed)
+            overrides = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
+            config = EvoPressConfig(**{**dict(method="depth", target=float(target), granularity=granularity,
+                                              search=search, preset="cpu", generations=generations.get(case),
+                                              evaluation_tokens=0, seed=args.seed), **overrides})
             compressor = EvoPressCompressor(model, tokenizer)
             start = time.perf_counter()
             compressor.compress(config, progress=False)

@@ -83,8 +83,8 @@ class DepthPruning(CompressionMethod):
             settings = dict(offspring=32, survivors_per_selection=[2, 1], tokens_per_selection=[2048, 32768],
                             initial_candidates=16, calibration_tokens=65536, sequence_length=8192)
         else:
-            settings = dict(offspring=16, survivors_per_selection=[3, 1], tokens_per_selection=[256, 1024],
-                            initial_candidates=8, calibration_tokens=8192, sequence_length=256)
+            settings = dict(offspring=16, survivors_per_selection=[2, 1], tokens_per_selection=[256, 2048],
+                            initial_candidates=16, calibration_tokens=8192, sequence_length=256)
         if space is not None:
             n, k = space.num_units, space.budget
             # The paper runs k(n-k)/1.5 generations; the CPU preset caps them to stay within minutes.
