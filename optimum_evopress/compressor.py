@@ -105,17 +105,23 @@ class EvoPressCompressor:
         if self.tokenizer is None:
             raise ValueError("EvoPressConfig.calibration_dataset holds text; pass a tokenizer: "
                              "EvoPressCompressor(model, tokenizer)")
+        if config.resume_from is not None and not os.path.isfile(config.resume_from):
+            raise FileNotFoundError(f"EvoPressConfig.resume_from: no search state at {config.resume_from!r}")
         method = get_method_class(config.method)(self.model, config)
         space = method.level_space()
-        settings = config.resolved_search_settings(method.default_settings(config.preset, space))
-        if settings["sequence_length"] > getattr(self.model.config, "max_position_embeddings", float("inf")):
-            settings["sequence_length"] = self.model.config.max_position_embeddings
+        defaults = method.default_settings(config.preset, space)
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        if context is not None:
+            if config.sequence_length is not None and config.sequence_length > context:
+                raise ValueError(f"EvoPressConfig.sequence_length: the model reads at most {context} tokens, got "
+                                 f"{config.sequence_length}")
+            defaults["sequence_length"] = min(defaults["sequence_length"], context)
+        settings = config.resolved_search_settings(defaults)
         search_settings = SearchSettings(
             generations=settings["generations"], offspring=settings["offspring"],
             survivors_per_selection=tuple(settings["survivors_per_selection"]),
             tokens_per_selection=tuple(settings["tokens_per_selection"]),
             initial_candidates=settings["initial_candidates"], max_flips=config.max_flips, seed=config.seed)
-        config.resolved_search_settings(settings)  # cross-checks the merged values
         self._prepare_model(config)
         logger.info("EvoPress %s (%s, preset %r): %d units, budget %d, %s", config.method, method.granularity,
                     config.preset, space.num_units, space.budget, search_settings.to_dict())

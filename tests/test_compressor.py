@@ -141,3 +141,14 @@ def test_interrupted_save_leaves_nothing_behind(tokenizer, tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         compressor.save_pretrained(tmp_path / "out")
     assert os.listdir(tmp_path) == []
+
+
+def test_sequences_longer_than_the_model_reads_fail_first(tokenizer, no_data_loading):
+    with pytest.raises(ValueError, match="sequence_length.*at most 256"):
+        EvoPressCompressor(make_model(), tokenizer).compress(small_config(sequence_length=512,
+                                                                          calibration_tokens=1024))
+
+
+def test_missing_resume_state_fails_first(tokenizer, tmp_path, no_data_loading):
+    with pytest.raises(FileNotFoundError, match="resume_from"):
+        EvoPressCompressor(make_model(), tokenizer).compress(small_config(resume_from=str(tmp_path / "x.json")))
