@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--eval-sequences", type=int, default=32, help="held-out sequences of 256 tokens per corpus")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in --output and run the rest")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "depth.json"))
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -61,9 +62,14 @@ def main() -> None:
         references[name].cache_teacher(progress=False)
     del dense
 
+    if args.resume and os.path.exists(args.output):
+        with open(args.output, encoding="utf-8") as handle:
+            rows += [row for row in json.load(handle)["rows"] if row["case"] != "dense"]
     for case in args.cases:
         granularity, target = case.split(":")
         for search in args.searches:
+            if any(row["case"] == case and row["search"] == search for row in rows):
+                continue
             model, _ = load_default_model(dtype)
             overrides = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
             config = EvoPressConfig(**{**dict(method="depth", target=float(target), granularity=granularity,
@@ -83,11 +89,11 @@ def main() -> None:
                 row[f"kl_{name}"] = references[name].score([(i, seqs.shape[1]) for i in range(len(seqs))])
             if search == "evolution":
                 t = result.timings
-                generations = len(result.history) - 1
+                done = len(result.history) - 1
                 other = t["search"] - t["search_forward"] - t["search_fitness"] - t["search_swap"]
                 row["generation"] = {
-                    "generations": generations,
-                    "seconds_per_generation": t["search"] / max(generations, 1),
+                    "generations": done,
+                    "seconds_per_generation": t["search"] / max(done, 1),
                     "forward_share": t["search_forward"] / t["search"],
                     "fitness_arithmetic_share": t["search_fitness"] / t["search"],
                     "swap_share": t["search_swap"] / t["search"],
@@ -95,6 +101,7 @@ def main() -> None:
                 }
             rows.append(row)
             print(json.dumps(row), flush=True)
+            write(args, rows, {})
 
     print()
     header = f"{'case':<15}{'search':<16}{'wiki ppl':>10}{'shakesp. ppl':>14}{'wiki KL':>9}{'shak. KL':>10}{'search s':>10}"
@@ -118,12 +125,16 @@ def main() -> None:
             print(f"{row['case']}: {g['seconds_per_generation']:.1f}s/generation; forward {g['forward_share']:.1%}, "
                   f"fitness arithmetic {g['fitness_arithmetic_share']:.1%}, swaps {g['swap_share']:.2%}, "
                   f"search engine {g['engine_share']:.2%}")
+    write(args, rows, verdict)
+    print("wrote", args.output)
+
+
+def write(args: argparse.Namespace, rows: list, verdict: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as handle:
         json.dump({"rows": rows, "beats_every_baseline": verdict, "settings": vars(args),
                    "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
                                "torch": torch.__version__}}, handle, indent=2)
-    print("wrote", args.output)
 
 
 if __name__ == "__main__":

@@ -173,7 +173,8 @@ class EvoPressCompressor:
             elif config.search == "one_at_a_time":
                 found = one_at_a_time_search(space, evaluate, final_tokens, config.seed)
             else:
-                found = method.run_baseline(config.search, space, data.calibration[:_sequences(final_tokens, data)])
+                # Method baselines such as block influence need one forward pass: give them every calibration token.
+                found = method.run_baseline(config.search, space, data.calibration)
                 found = SearchResult(assignment=found, fitness=None)
         method.reset()
         timings["search"] = time.perf_counter() - clock
@@ -222,8 +223,4 @@ class EvoPressCompressor:
         """
         save_checkpoint(self.model, save_directory, self.record(), tokenizer=self.tokenizer, overwrite=overwrite,
                         **kwargs)
-
-
-def _sequences(num_tokens: int, data: TokenData) -> int:
-    return -(-num_tokens // data.calibration.shape[1])
 
