@@ -48,7 +48,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --output and run the rest")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "depth.json"))
+    parser.add_argument("--report", action="store_true", help="only print the tables of an existing --output")
     args = parser.parse_args()
+    if args.report:
+        with open(args.output, encoding="utf-8") as handle:
+            report(json.load(handle)["rows"], args.cases)
+        return
     dtype = getattr(torch, args.dtype)
     generations = {case: int(n) for case, n in (item.split("=") for item in args.generations)}
 
@@ -103,30 +108,34 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             write(args, rows, {})
 
-    print()
-    header = f"{'case':<15}{'search':<16}{'wiki ppl':>10}{'shakesp. ppl':>14}{'wiki KL':>9}{'shak. KL':>10}{'search s':>10}"
-    print(header)
-    print("-" * len(header))
+    verdict = report(rows, args.cases)
+    write(args, rows, verdict)
+    print("wrote", args.output)
+
+
+def report(rows: list, cases: list) -> dict:
+    """Prints the results as a Markdown table and says whether EvoPress beats every baseline."""
+    print("\n| case | search | Wikipedia ppl | Shakespeare ppl | Wikipedia KL | Shakespeare KL | search s |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
-        print(f"{row['case']:<15}{row['search']:<16}{row['ppl_wikipedia']:>10.2f}{row['ppl_shakespeare']:>14.2f}"
-              f"{row.get('kl_wikipedia', 0):>9.3f}{row.get('kl_shakespeare', 0):>10.3f}"
-              f"{row.get('search_seconds', 0):>10.1f}")
+        print(f"| {row['case']} | {row['search']} | {row['ppl_wikipedia']:.2f} | {row['ppl_shakespeare']:.2f} | "
+              f"{row.get('kl_wikipedia', 0):.3f} | {row.get('kl_shakespeare', 0):.3f} | "
+              f"{row.get('search_seconds', 0):.0f} |")
     verdict = {}
-    for case in args.cases:
+    for case in cases:
         case_rows = {r["search"]: r for r in rows if r["case"] == case}
-        if "evolution" in case_rows:
-            evo = case_rows.pop("evolution")
-            verdict[case] = all(evo[f"ppl_{n}"] < r[f"ppl_{n}"] for r in case_rows.values()
-                                for n in ("wikipedia",))
-    print("\nEvoPress beats every baseline on held-out Wikipedia perplexity:", verdict)
+        evo = case_rows.pop("evolution", None)
+        if evo is not None and case_rows:
+            verdict[case] = {name: all(evo[f"ppl_{name}"] < r[f"ppl_{name}"] for r in case_rows.values())
+                             for name in ("wikipedia", "shakespeare")}
+    print("\nEvoPress has the lowest held-out perplexity of all searches:", json.dumps(verdict))
     for row in rows:
         if "generation" in row:
             g = row["generation"]
-            print(f"{row['case']}: {g['seconds_per_generation']:.1f}s/generation; forward {g['forward_share']:.1%}, "
-                  f"fitness arithmetic {g['fitness_arithmetic_share']:.1%}, swaps {g['swap_share']:.2%}, "
-                  f"search engine {g['engine_share']:.2%}")
-    write(args, rows, verdict)
-    print("wrote", args.output)
+            print(f"{row['case']}: {g['generations']} generations, {g['seconds_per_generation']:.1f} s each: forward "
+                  f"passes {g['forward_share']:.1%}, fitness arithmetic {g['fitness_arithmetic_share']:.1%}, swaps "
+                  f"{g['swap_share']:.2%}, search engine {g['engine_share']:.2%}")
+    return verdict
 
 
 def write(args: argparse.Namespace, rows: list, verdict: dict) -> None:
