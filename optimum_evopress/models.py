@@ -71,9 +71,8 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _cache_root() -> str:
-    base = os.environ.get("EVOPRESS_CACHE") or os.path.join(
+    return os.environ.get("EVOPRESS_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "optimum_evopress")
-    return base
 
 
 def resolve_model_path(name_or_path: str) -> str:

@@ -62,11 +62,9 @@ def brute_force_search(space: LevelSpace, evaluate: Evaluate, num_tokens: int, s
             "budget; use search='evolution'"
         )
     scores: list[float] = []
-    rng_state = np.random.default_rng(seed).bit_generator.state
     for start in tqdm(range(0, len(candidates), 64), desc="brute force", disable=not progress):
-        rng = np.random.default_rng(seed)
-        rng.bit_generator.state = rng_state  # every chunk sees the same tokens
-        scores.extend(float(s) for s in evaluate(candidates[start:start + 64], num_tokens, rng))
+        # A generator seeded alike for every chunk draws the same tokens for all candidates.
+        scores.extend(float(s) for s in evaluate(candidates[start:start + 64], num_tokens, np.random.default_rng(seed)))
     best = int(np.argmin(scores))
     return SearchResult(assignment=candidates[best], fitness=scores[best])
 
