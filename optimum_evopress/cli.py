@@ -20,6 +20,7 @@ __all__ = ["main", "build_parser"]
 _EXAMPLES = """examples:
   evopress compress --preset cpu --dtype bfloat16 --target 0.25 --output smollm2-depth
   evopress compress --model ./llama --method depth --granularity sublayer --target 0.3 --output out
+  evopress compress --preset cpu --method quantization --target 3 --group-size 64 --output smollm2-3bit
   evopress compress --model ./llama --config evopress_config.json --output out
   evopress evaluate --model smollm2-depth --dataset shakespeare
 """
@@ -43,8 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(EvoPressConfig):
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
-        if f.name in ("survivors_per_selection", "tokens_per_selection"):
+        if f.name in ("survivors_per_selection", "tokens_per_selection", "bits"):
             compress.add_argument(flag, type=int, nargs="+", default=None, help=help_text)
+        elif f.type == "bool":
+            compress.add_argument(flag, type=_boolean, default=None, metavar="{true,false}", help=help_text)
         elif f.type == "float":
             compress.add_argument(flag, type=float, default=None, help=help_text)
         elif f.type in ("int | None", "int"):
@@ -60,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tokens", type=int, default=None, help="evaluate on the first N tokens only")
     evaluate.add_argument("--batch-size", type=int, default=8)
     return parser
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def _config_from_args(args: argparse.Namespace) -> Any:

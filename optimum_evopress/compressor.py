@@ -15,6 +15,7 @@ from .configuration import EvoPressConfig
 from .data import TokenData, prepare_token_data
 from .evaluation import perplexity
 from .export import check_output_dir, save_checkpoint
+from .formats import load_levels
 from .fitness import FitnessEvaluator, draw_minibatch, teacher_cache_bytes
 from .methods import CompressionMethod, get_method_class
 from .search import (Assignment, SearchResult, SearchSettings, brute_force_search, evolutionary_search,
@@ -122,6 +123,8 @@ class EvoPressCompressor:
             survivors_per_selection=tuple(settings["survivors_per_selection"]),
             tokens_per_selection=tuple(settings["tokens_per_selection"]),
             initial_candidates=settings["initial_candidates"], max_flips=config.max_flips, seed=config.seed)
+        # Given levels are checked against the model's units now, before any data or model work.
+        fixed = method.assignment_from_levels(load_levels(config.levels), space) if config.search == "fixed" else None
         self._prepare_model(config)
         logger.info("EvoPress %s (%s, preset %r): %d units, budget %d, %s", config.method, method.granularity,
                     config.preset, space.num_units, space.budget, search_settings.to_dict())
@@ -133,20 +136,22 @@ class EvoPressCompressor:
         timings["data"] = time.perf_counter() - clock
 
         self.model.eval()
+        # The variants come first: a database built with other settings fails here, before dense outputs.
+        clock = time.perf_counter()
+        method.build(data.calibration, progress)
+        timings["build"] = time.perf_counter() - clock
+
         baseline_perplexity = self._perplexity(data, config)
         clock = time.perf_counter()
         evaluator = FitnessEvaluator(self.model, data.calibration, config.fitness, config.topk, config.batch_size)
-        needs_teacher = config.search in ("evolution", "brute_force", "one_at_a_time")
+        needs_teacher = config.search in ("evolution", "brute_force", "one_at_a_time") or (
+            config.search == "random" and search_settings.initial_candidates > 1)
         if needs_teacher:
             logger.info("caching dense outputs: %.1f MiB", teacher_cache_bytes(
                 config.fitness, data.calibration_tokens, self.model.config.vocab_size, config.topk) / 2**20)
             evaluator.cache_teacher(progress)
             evaluator.forward_seconds = evaluator.metric_seconds = 0.0
         timings["dense_outputs"] = time.perf_counter() - clock
-
-        clock = time.perf_counter()
-        method.build(data.calibration, progress)
-        timings["build"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
         swap_seconds = [0.0]
@@ -167,11 +172,13 @@ class EvoPressCompressor:
                 found = evolutionary_search(space, evaluate, search_settings, checkpoint_path=config.checkpoint_path,
                                             resume_from=config.resume_from, progress=progress)
             elif config.search == "random":
-                found = random_search(space, config.seed)
+                found = random_search(space, config.seed, evaluate, final_tokens, search_settings.initial_candidates)
             elif config.search == "brute_force":
                 found = brute_force_search(space, evaluate, final_tokens, config.seed, progress)
             elif config.search == "one_at_a_time":
                 found = one_at_a_time_search(space, evaluate, final_tokens, config.seed)
+            elif config.search == "fixed":
+                found = SearchResult(assignment=fixed, fitness=None)
             else:
                 # Method baselines such as block influence need one forward pass: give them every calibration token.
                 found = method.run_baseline(config.search, space, data.calibration)
@@ -182,12 +189,13 @@ class EvoPressCompressor:
         timings["search_fitness"] = evaluator.metric_seconds
         timings["search_swap"] = swap_seconds[0]
 
+        summary = method.summary(found.assignment, space)
         compressed = method.apply(found.assignment)
         self.method, self.config = method, config
         self.result = EvoPressResult(
             levels=space.named(found.assignment), history=found.history, fitness=found.fitness,
             budget={"units": space.num_units, "budget": space.budget, "cost": space.cost(found.assignment),
-                    "target": config.target},
+                    "target": config.target, **summary},
             search=config.search, timings=timings)
         if baseline_perplexity is not None:
             self.result.perplexity = {"dense": baseline_perplexity, "compressed": self._perplexity(data, config)}

@@ -14,7 +14,8 @@ CONFIG_NAME = "evopress_config.json"
 FITNESS_KINDS = ("kl", "topk_kl", "ppl")
 PRESETS = ("paper", "cpu")
 # Searches that work for every method; methods may add their own baselines.
-GENERIC_SEARCHES = ("evolution", "random", "brute_force", "one_at_a_time")
+GENERIC_SEARCHES = ("evolution", "random", "brute_force", "one_at_a_time", "fixed")
+MUTATION_RULES = ("size", "all")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -57,21 +58,63 @@ class EvoPressConfig:
         ```
     """
 
-    method: str = field(default="depth", metadata={"help": "Compression method: `depth` (remove blocks or sub-blocks)."})
+    method: str = field(
+        default="depth",
+        metadata={"help": "Compression method: `depth` (remove blocks or sub-blocks) or `quantization` (GPTQ)."},
+    )
     target: float = field(
         default=0.25,
-        metadata={"help": "Global budget. For `depth`: the fraction of units removed, in (0, 1)."},
+        metadata={"help": "Global budget. For `depth`: the fraction of units removed, in (0, 1). For "
+                  "`quantization`: the average bit-width of the quantized weights, within the `bits` levels."},
     )
     granularity: str | None = field(
         default=None,
-        metadata={"help": "Search unit. For `depth`: `block` (default) or `sublayer` (attention and MLP separately)."},
+        metadata={"help": "Search unit. For `depth`: `block` (default) or `sublayer` (attention and MLP separately). "
+                  "For `quantization`: `linear` (default), `fused` (q/k/v and gate/up share a level) or `block`."},
     )
     search: str = field(
         default="evolution",
         metadata={
-            "help": "`evolution` (EvoPress) or a baseline: `random`, `brute_force`, `one_at_a_time`, and for "
-            "`depth` also `shortgpt` and `sliding_window`."
+            "help": "`evolution` (EvoPress) or a baseline: `random` (best of `initial_candidates`), `brute_force`, "
+            "`one_at_a_time`, `fixed` (use `levels`); for `depth` also `shortgpt` and `sliding_window`; for "
+            "`quantization` also `uniform` and `dynamic_programming`."
         },
+    )
+    levels: Any = field(
+        default=None,
+        metadata={"help": "With search=`fixed`: the levels to apply, as `{unit or layer name: level}`, or a path to "
+                  "an `evopress_config.json` or a text file of `name: level` lines (the reference format)."},
+    )
+    bits: list[int] = field(
+        default_factory=lambda: [2, 3, 4, 5, 6, 8],
+        metadata={"help": "For `quantization`: the bit-widths a unit may take, each in 2..8."},
+    )
+    group_size: int | None = field(
+        default=128, metadata={"help": "For `quantization`: input columns per scale; None for one scale per row."}
+    )
+    act_order: bool = field(
+        default=False, metadata={"help": "For `quantization`: GPTQ in order of decreasing Hessian diagonal."}
+    )
+    damp_percent: float = field(
+        default=0.01, metadata={"help": "For `quantization`: GPTQ dampening, a fraction of the mean Hessian diagonal."}
+    )
+    calibration_bits: int | None = field(
+        default=None,
+        metadata={"help": "For `quantization`: None (default) builds every layer's variants from dense inputs; a "
+                  "bit-width calibrates sequentially, each block seeing earlier blocks quantized at that width."},
+    )
+    mutation_rule: str = field(
+        default="size",
+        metadata={"help": "`size`: exchange budget only between units of equal size (each size group keeps the "
+                  "target average, the paper's rule); `all`: between any units with equal cost steps."},
+    )
+    database_dir: str | None = field(
+        default=None,
+        metadata={"help": "Directory of the variant database: built there if empty, reused if built with the same "
+                  "model, data and settings (else an error). None: in memory only."},
+    )
+    database_in_memory: bool = field(
+        default=True, metadata={"help": "Hold all variants in memory; False reads them from `database_dir` on use."}
     )
     preset: str = field(default="paper", metadata={"help": "Defaults for unset search settings: `paper` or `cpu`."})
     generations: int | None = field(default=None, metadata={"help": "Number of generations of the (1+lambda)-EA."})
@@ -128,6 +171,33 @@ class EvoPressConfig:
         _check(self.search in allowed_searches, "search", f"must be one of {allowed_searches}, got {self.search!r}")
         _check(self.fitness in FITNESS_KINDS, "fitness", f"must be one of {FITNESS_KINDS}, got {self.fitness!r}")
         _check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+        _check(self.mutation_rule in MUTATION_RULES, "mutation_rule",
+               f"must be one of {MUTATION_RULES}, got {self.mutation_rule!r}")
+        if isinstance(self.bits, tuple):
+            self.bits = list(self.bits)
+        for name in ("act_order", "database_in_memory"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"EvoPressConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if isinstance(self.damp_percent, bool) or not isinstance(self.damp_percent, (int, float)):
+            raise TypeError(f"EvoPressConfig.damp_percent must be a number, got {self.damp_percent!r}")
+        _check(0 < self.damp_percent <= 1, "damp_percent", f"must be in (0, 1], got {self.damp_percent}")
+        if self.database_dir is not None:
+            self.database_dir = os.fspath(self.database_dir)
+            _check(not os.path.isfile(self.database_dir), "database_dir",
+                   f"{self.database_dir!r} is a file; give a directory")
+        else:
+            _check(self.database_in_memory, "database_in_memory", "False needs a database_dir to read from")
+        _check((self.search == "fixed") == (self.levels is not None), "levels",
+               "give levels exactly when search='fixed'" + (f" (search is {self.search!r})" if self.levels is not None
+                                                            else ""))
+        if self.levels is not None:
+            if isinstance(self.levels, os.PathLike):
+                self.levels = os.fspath(self.levels)
+            if isinstance(self.levels, str):
+                _check(os.path.isfile(self.levels), "levels", f"no file at {self.levels!r}")
+            elif not isinstance(self.levels, dict) or not self.levels:
+                raise TypeError("EvoPressConfig.levels must be a non-empty dict or a path to a levels file, got "
+                                f"{type(self.levels).__name__}")
         for name in ("generations", "offspring", "initial_candidates", "max_flips", "topk", "calibration_tokens",
                      "batch_size"):
             _check_int(getattr(self, name), name)

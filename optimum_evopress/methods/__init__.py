@@ -6,5 +6,6 @@ Add one with `register_method("name", MethodClass)`.
 
 from .base import CompressionMethod, get_method_class, register_method, registered_methods
 from .depth import DepthPruning
+from .quantization import Quantization
 
-__all__ = ["CompressionMethod", "DepthPruning", "get_method_class", "register_method", "registered_methods"]
+__all__ = ["CompressionMethod", "DepthPruning", "Quantization", "get_method_class", "register_method", "registered_methods"]

@@ -84,5 +84,13 @@ class CompressionMethod:
         """Makes `assignment` permanent on the model, in the form that is exported, and returns the model."""
         raise NotImplementedError
 
+    def assignment_from_levels(self, levels: dict[str, Any], space: LevelSpace) -> Assignment:
+        """The assignment that `levels` (`{unit name: level}`, as in `EvoPressResult.levels`) describes."""
+        return space.from_named(levels)
+
+    def summary(self, assignment: Assignment, space: LevelSpace) -> dict[str, Any]:
+        """Method-specific facts about a chosen assignment for the result (e.g. average bits)."""
+        return {}
+
     def run_baseline(self, name: str, space: LevelSpace, calibration: torch.Tensor) -> Assignment:
         raise ValueError(f"method {self.name!r} has no baseline {name!r}")

@@ -1,8 +1,10 @@
-"""Baselines that work on any `LevelSpace`: random, brute force, and one-unit-at-a-time ranking."""
+"""Baselines that work on any `LevelSpace`: random, brute force, one-unit-at-a-time ranking, and
+dynamic programming on per-unit errors."""
 
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Sequence
 
 import numpy as np
@@ -12,15 +14,24 @@ from .evolution import Evaluate, SearchResult
 from .space import Assignment, LevelSpace
 
 __all__ = ["random_search", "brute_force_search", "one_at_a_time_search", "rank_to_assignment",
-           "MAX_BRUTE_FORCE_CANDIDATES"]
+           "dynamic_programming_search", "MAX_BRUTE_FORCE_CANDIDATES"]
 
 MAX_BRUTE_FORCE_CANDIDATES = 20_000
 
 
-def random_search(space: LevelSpace, seed: int = 0) -> SearchResult:
-    """One uniformly drawn assignment at the budget (a sanity baseline)."""
+def random_search(space: LevelSpace, seed: int = 0, evaluate: Evaluate | None = None, num_tokens: int = 0,
+                  candidates: int = 1) -> SearchResult:
+    """The best of `candidates` random assignments at the budget, all scored on the same `num_tokens` tokens.
+
+    With one candidate (or no `evaluate`) nothing is scored: a single random draw.
+    """
     rng = np.random.default_rng(seed)
-    return SearchResult(assignment=space.random_assignment(rng), fitness=None)
+    drawn = [space.random_assignment(rng) for _ in range(max(1, candidates))]
+    if evaluate is None or len(drawn) == 1:
+        return SearchResult(assignment=drawn[0], fitness=None)
+    scores = [float(s) for s in evaluate(drawn, num_tokens, np.random.default_rng(seed))]
+    best = int(np.argmin(scores))
+    return SearchResult(assignment=drawn[best], fitness=scores[best], history=[{"candidate_scores": scores}])
 
 
 def _all_assignments(space: LevelSpace) -> list[Assignment]:
@@ -102,3 +113,45 @@ def one_at_a_time_search(space: LevelSpace, evaluate: Evaluate, num_tokens: int,
     assignment = rank_to_assignment(space, scores)
     return SearchResult(assignment=assignment, fitness=None, history=[{"unit_scores": scores}])
 
+
+
+def dynamic_programming_search(space: LevelSpace, errors: Sequence[Sequence[float]]) -> SearchResult:
+    """The assignment at the budget with the least total error, assuming per-unit errors add up.
+
+    `errors[u][level]` is unit u's error at that level (e.g. its normalised output error). Solved
+    exactly by a knapsack over costs divided by their greatest common divisor, per group when the
+    space has groups.
+    """
+    if len(errors) != space.num_units or any(len(e) != len(lv) for e, lv in zip(errors, space.levels)):
+        raise ValueError("dynamic_programming_search: errors need one value per unit and level")
+    assignment = [0] * space.num_units
+    budgets = space.group_budgets if space.groups is not None else (space.budget,)
+    for members, budget in zip(space.group_members(), budgets):
+        base = [min(space.costs[u]) for u in members]
+        extra = [[c - b for c in space.costs[u]] for u, b in zip(members, base)]
+        target = budget - sum(base)
+        unit = math.gcd(target, *[c for cs in extra for c in cs]) or 1
+        size = target // unit
+        best = np.full(size + 1, np.inf)
+        best[0] = 0.0
+        choices = np.zeros((len(members), size + 1), dtype=np.int16)
+        for i, u in enumerate(members):
+            new = np.full(size + 1, np.inf)
+            for level, cost in enumerate(extra[i]):
+                step = cost // unit
+                if step > size:
+                    continue
+                shifted = np.full(size + 1, np.inf)
+                shifted[step:] = best[:size + 1 - step] + float(errors[u][level])
+                better = shifted < new
+                new[better] = shifted[better]
+                choices[i][better] = level
+            best = new
+        if not np.isfinite(best[size]):
+            raise ValueError(f"dynamic_programming_search: the budget {budget} cannot be met exactly")
+        remaining = size
+        for i in range(len(members) - 1, -1, -1):
+            level = int(choices[i][remaining])
+            assignment[members[i]] = level
+            remaining -= extra[i][level] // unit
+    return SearchResult(assignment=tuple(assignment), fitness=None)

@@ -27,12 +27,18 @@ class LevelSpace:
         levels: for each unit, its levels from least to most compressed (e.g. `["kept", "dropped"]`).
         costs: for each unit, an integer cost per level; the budget is a sum of these.
         budget: the exact total cost of a valid assignment.
+        groups: optional group index per unit (0..G-1). With groups, each group keeps its own exact
+            budget and level switches only pair units of the same group (the paper's rule of
+            exchanging bits only between layers of equal size).
+        group_budgets: the exact cost of each group; they sum to `budget`.
     """
 
     units: tuple[str, ...]
     levels: tuple[tuple[Any, ...], ...]
     costs: tuple[tuple[int, ...], ...]
     budget: int
+    groups: tuple[int, ...] | None = None
+    group_budgets: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "units", tuple(self.units))
@@ -49,6 +55,24 @@ class LevelSpace:
         high = sum(max(c) for c in self.costs)
         if not low <= self.budget <= high:
             raise ValueError(f"LevelSpace: budget {self.budget} is outside the reachable range [{low}, {high}]")
+        if (self.groups is None) != (self.group_budgets is None):
+            raise ValueError("LevelSpace: groups and group_budgets go together")
+        if self.groups is not None:
+            object.__setattr__(self, "groups", tuple(int(g) for g in self.groups))
+            object.__setattr__(self, "group_budgets", tuple(int(b) for b in self.group_budgets))
+            if len(self.groups) != len(self.units) or set(self.groups) != set(range(len(self.group_budgets))):
+                raise ValueError("LevelSpace: groups must give each unit a group index 0..G-1, every group used")
+            if sum(self.group_budgets) != self.budget:
+                raise ValueError(f"LevelSpace: group budgets sum to {sum(self.group_budgets)}, not {self.budget}")
+
+    def group_members(self) -> list[list[int]]:
+        """Unit indices of each group (one group holding every unit when the space has no groups)."""
+        if self.groups is None:
+            return [list(range(self.num_units))]
+        members: list[list[int]] = [[] for _ in self.group_budgets]
+        for u, g in enumerate(self.groups):
+            members[g].append(u)
+        return members
 
     @property
     def num_units(self) -> int:
@@ -58,11 +82,13 @@ class LevelSpace:
         return sum(self.costs[u][lv] for u, lv in enumerate(assignment))
 
     def is_valid(self, assignment: Sequence[int]) -> bool:
-        return (
-            len(assignment) == self.num_units
-            and all(0 <= lv < len(self.levels[u]) for u, lv in enumerate(assignment))
-            and self.cost(assignment) == self.budget
-        )
+        if not (len(assignment) == self.num_units
+                and all(0 <= lv < len(self.levels[u]) for u, lv in enumerate(assignment))
+                and self.cost(assignment) == self.budget):
+            return False
+        return self.groups is None or all(
+            sum(self.costs[u][assignment[u]] for u in members) == budget
+            for members, budget in zip(self.group_members(), self.group_budgets))
 
     def named(self, assignment: Sequence[int]) -> dict[str, Any]:
         """The assignment as `{unit name: level}`."""
@@ -83,32 +109,39 @@ class LevelSpace:
 
     def fingerprint(self) -> str:
         """A hash of the space, so a saved search state is only resumed on the same space."""
-        payload = json.dumps([self.units, [list(map(str, lv)) for lv in self.levels], self.costs, self.budget])
+        payload = [self.units, [list(map(str, lv)) for lv in self.levels], self.costs, self.budget]
+        if self.groups is not None:
+            payload += [self.groups, self.group_budgets]
+        payload = json.dumps(payload)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def feasible_assignment(self) -> Assignment:
         """A deterministic assignment at the budget, found greedily; raises when the budget is not reachable exactly.
 
-        Starts from every unit at its cheapest level and raises units one level at a time, round-robin,
-        while the next step does not overshoot the budget.
+        Starts from every unit at its cheapest level and moves units one level towards their dearest,
+        round-robin, while the next step does not overshoot the budget (of each group, when the space
+        has groups). Costs must be monotonic in the level index, in either direction.
         """
         assignment = [int(np.argmin(c)) for c in self.costs]
-        remaining = self.budget - self.cost(assignment)
-        progress = True
-        while remaining > 0 and progress:
-            progress = False
-            for u in range(self.num_units):
-                lv = assignment[u]
-                if lv + 1 < len(self.costs[u]):
-                    step = self.costs[u][lv + 1] - self.costs[u][lv]
-                    if 0 < step <= remaining:
-                        assignment[u] += 1
-                        remaining -= step
-                        progress = True
-                        if remaining == 0:
-                            break
-        if remaining != 0:
-            raise ValueError(f"LevelSpace: the budget {self.budget} cannot be met exactly with these levels")
+        direction = [1 if c[-1] > c[0] else -1 for c in self.costs]
+        budgets = self.group_budgets if self.groups is not None else (self.budget,)
+        for members, budget in zip(self.group_members(), budgets):
+            remaining = budget - sum(self.costs[u][assignment[u]] for u in members)
+            progress = True
+            while remaining > 0 and progress:
+                progress = False
+                for u in members:
+                    lv, nxt = assignment[u], assignment[u] + direction[u]
+                    if 0 <= nxt < len(self.costs[u]):
+                        step = self.costs[u][nxt] - self.costs[u][lv]
+                        if 0 < step <= remaining:
+                            assignment[u] = nxt
+                            remaining -= step
+                            progress = True
+                            if remaining == 0:
+                                break
+            if remaining != 0:
+                raise ValueError(f"LevelSpace: the budget {budget} cannot be met exactly with these levels")
         return tuple(assignment)
 
     def random_assignment(self, rng: np.random.Generator) -> Assignment:
@@ -122,8 +155,9 @@ class LevelSpace:
 def level_switch_mutation(space: LevelSpace, parent: Sequence[int], rng: np.random.Generator, flips: int) -> Assignment:
     """Applies `flips` budget-preserving level switches to `parent`.
 
-    One switch raises a unit by one level and lowers another unit by one level whose cost step is
-    the same, so the total cost never changes. Where no such pair exists, the parent is returned.
+    One switch raises a unit by one level and lowers another unit (of the same group, when the
+    space has groups) by one level whose cost step is the same, so the total cost never changes.
+    Where no such pair exists, the parent is returned.
     """
     child = list(parent)
     for _ in range(flips):
@@ -135,6 +169,7 @@ def level_switch_mutation(space: LevelSpace, parent: Sequence[int], rng: np.rand
                 v
                 for v in range(space.num_units)
                 if v != u and child[v] > 0 and space.costs[v][child[v]] - space.costs[v][child[v] - 1] == step
+                and (space.groups is None or space.groups[v] == space.groups[u])
             ]
             if down:
                 v = down[int(rng.integers(len(down)))]

@@ -1,0 +1,176 @@
+"""The database of per-layer variants (e.g. one GPTQ solution per bit-width), in memory or on disk.
+
+On disk a database is a directory holding one safetensors file per layer and `manifest.json`,
+written last. The manifest records what the variants were built from (model weights, calibration
+tokens, method settings, as hashes and values) and a SHA-256 of every layer file. Opening a
+database checks both: a database built with other settings, for another model or other data, or
+with a damaged file is refused with an error that names the difference; it is never silently used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from typing import Any, Iterable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+__all__ = ["VariantDatabase", "MANIFEST_NAME", "tensor_fingerprint"]
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def tensor_fingerprint(tensors: Iterable[torch.Tensor]) -> str:
+    """SHA-256 over the bytes, shapes and dtypes of `tensors`, in order."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        tensor = tensor.detach().contiguous().cpu()
+        digest.update(f"{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _layer_file(name: str) -> str:
+    return f"{name}.safetensors"
+
+
+class VariantDatabase:
+    """Tensors of every variant of every layer, plus each variant's error.
+
+    Args:
+        settings: what the variants depend on (method settings, model and calibration fingerprints);
+            stored in the manifest and compared when the database is opened again.
+        directory: where to keep the database on disk; `None` keeps it in memory only.
+        in_memory: hold every layer's tensors in memory (else they are read through memory maps on use).
+    """
+
+    def __init__(self, settings: dict[str, Any], directory: str | os.PathLike | None = None,
+                 in_memory: bool = True) -> None:
+        if directory is None and not in_memory:
+            raise ValueError("a database kept off memory needs a directory")
+        self.settings = settings
+        self.directory = os.fspath(directory) if directory is not None else None
+        self.in_memory = in_memory
+        self.errors: dict[str, dict[str, float]] = {}
+        self._files: dict[str, dict[str, Any]] = {}
+        self._tensors: dict[str, dict[str, torch.Tensor]] = {}
+        self.complete = False
+
+    # ------------------------------------------------------------------ building
+    def add_layer(self, name: str, tensors: dict[str, torch.Tensor], errors: dict[Any, float]) -> None:
+        """Stores one layer's variant tensors and per-variant errors (written to disk at once if on disk)."""
+        self.errors[name] = {str(level): float(error) for level, error in errors.items()}
+        tensors = {key: value.detach().contiguous().cpu() for key, value in tensors.items()}
+        if self.directory is not None:
+            os.makedirs(self.directory, exist_ok=True)
+            path = os.path.join(self.directory, _layer_file(name))
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".safetensors")
+            os.close(fd)
+            try:
+                save_file(tensors, tmp)
+                os.replace(tmp, path)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                raise
+            self._files[name] = {"file": _layer_file(name), "sha256": _file_sha256(path),
+                                 "bytes": os.path.getsize(path)}
+        else:
+            self._files[name] = {"bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
+        if self.in_memory:
+            self._tensors[name] = tensors
+
+    def finish(self) -> None:
+        """Marks the database complete and writes the manifest (last, so a partial build never looks complete)."""
+        self.complete = True
+        if self.directory is None:
+            return
+        manifest = {"format_version": FORMAT_VERSION, "settings": self.settings, "layers": self._files,
+                    "errors": self.errors}
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".json")
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(manifest, handle, indent=1, sort_keys=True)
+        os.replace(tmp, os.path.join(self.directory, MANIFEST_NAME))
+
+    # ------------------------------------------------------------------ opening
+    @staticmethod
+    def exists(directory: str | os.PathLike | None) -> bool:
+        return directory is not None and os.path.isfile(os.path.join(directory, MANIFEST_NAME))
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike, settings: dict[str, Any], layers: Iterable[str],
+             in_memory: bool = True) -> "VariantDatabase":
+        """Opens a complete database, checking it was built with `settings` for `layers` and is undamaged.
+
+        Raises:
+            ValueError: the settings, the layers or a file's checksum differ, naming what differs.
+        """
+        directory = os.fspath(directory)
+        with open(os.path.join(directory, MANIFEST_NAME), encoding="utf-8") as handle:
+            manifest = json.load(handle)
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"database {directory!r}: format version {manifest.get('format_version')}, "
+                             f"this release reads {FORMAT_VERSION}; rebuild it in an empty directory")
+        stored = manifest.get("settings", {})
+        wanted = json.loads(json.dumps(settings))
+        differences = sorted(key for key in set(stored) | set(wanted) if stored.get(key) != wanted.get(key))
+        if differences:
+            detail = "; ".join(f"{key}: database has {stored.get(key)!r}, asked for {wanted.get(key)!r}"
+                               for key in differences)
+            raise ValueError(f"database {directory!r} was built with other settings ({detail}); use another "
+                             "database_dir or delete this one to rebuild")
+        layers = list(layers)
+        missing = [name for name in layers if name not in manifest["layers"]]
+        if missing:
+            raise ValueError(f"database {directory!r} has no variants for layers {missing[:5]}")
+        database = cls(settings, directory, in_memory)
+        for name in layers:
+            entry = manifest["layers"][name]
+            path = os.path.join(directory, entry["file"])
+            if not os.path.isfile(path):
+                raise ValueError(f"database {directory!r}: file {entry['file']} is missing")
+            if _file_sha256(path) != entry["sha256"]:
+                raise ValueError(f"database {directory!r}: file {entry['file']} is damaged (checksum mismatch); "
+                                 "delete the directory to rebuild")
+            database._files[name] = entry
+            database.errors[name] = manifest["errors"][name]
+            if in_memory:
+                with safe_open(path, framework="pt") as handle:
+                    database._tensors[name] = {key: handle.get_tensor(key) for key in handle.keys()}
+        database.complete = True
+        return database
+
+    # ------------------------------------------------------------------ reading
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """All variant tensors of layer `name` (from memory, or read through a memory map)."""
+        if name in self._tensors:
+            return self._tensors[name]
+        with safe_open(os.path.join(self.directory, self._files[name]["file"]), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}
+
+    def tensor(self, name: str, key: str) -> torch.Tensor:
+        if name in self._tensors:
+            return self._tensors[name][key]
+        with safe_open(os.path.join(self.directory, self._files[name]["file"]), framework="pt") as handle:
+            return handle.get_tensor(key)
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes of all variant tensors (on disk: of the layer files)."""
+        return sum(entry["bytes"] for entry in self._files.values())
