@@ -17,6 +17,7 @@ setup(
         "datasets>=3.0",
         "huggingface-hub>=1.0",
         "safetensors>=0.4",
+        "compressed-tensors>=0.20",
         "numpy",
         "tqdm",
     ],

@@ -5,7 +5,8 @@ __version__ = "0.1.0"
 from .compressor import EvoPressCompressor, EvoPressResult
 from .configuration import EvoPressConfig
 from .evaluation import evaluate_perplexity, perplexity
+from .formats import read_levels_file, write_levels_file
 from .methods import register_method
 
 __all__ = ["EvoPressCompressor", "EvoPressConfig", "EvoPressResult", "evaluate_perplexity", "perplexity",
-           "register_method", "__version__"]
+           "read_levels_file", "register_method", "write_levels_file", "__version__"]

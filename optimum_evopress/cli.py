@@ -108,9 +108,16 @@ def _compress(args: argparse.Namespace) -> int:
                                          if config.preset == "cpu" else ""))
     compressor.compress(config, save_dir=args.output, overwrite=args.overwrite, progress=not args.quiet)
     result = compressor.result
-    changed = {unit: level for unit, level in result.levels.items() if level not in ("kept",)}
-    print(f"budget: {result.budget['cost']} of {result.budget['units']} units")
-    print("compressed units: " + ", ".join(f"{unit}={level}" for unit, level in changed.items()))
+    if "average_bits" in result.budget:
+        counts: dict[Any, int] = {}
+        for level in result.levels.values():
+            counts[level] = counts.get(level, 0) + 1
+        print(f"average bits: {result.budget['average_bits']:.4f} (target {config.target}); units per bit-width: "
+              + ", ".join(f"{bits}: {counts[bits]}" for bits in sorted(counts)))
+    else:
+        changed = {unit: level for unit, level in result.levels.items() if level not in ("kept",)}
+        print(f"budget: {result.budget['cost']} of {result.budget['units']} units")
+        print("compressed units: " + ", ".join(f"{unit}={level}" for unit, level in changed.items()))
     if result.perplexity:
         print(f"held-out perplexity: dense {result.perplexity['dense']:.2f} -> compressed "
               f"{result.perplexity['compressed']:.2f}")

@@ -45,6 +45,25 @@ def test_compress_and_evaluate_from_the_shell(tiny_checkpoint, tmp_path):
     assert json.loads(evaluated.stdout.strip().splitlines()[-1])["perplexity"] > 1
 
 
+def test_quantize_from_the_shell_then_apply_a_levels_file(tiny_checkpoint, tmp_path):
+    model, text = tiny_checkpoint
+    out = tmp_path / "out"
+    quantize = ["--model", model, "--calibration-dataset", text, "--method", "quantization", "--target", "3",
+                "--bits", "2", "3", "4", "--group-size", "16", "--act-order", "true", *SMALL]
+    done = evopress("compress", *quantize, "--output", out)
+    assert done.returncode == 0, done.stderr
+    assert "average bits: 3.0000 (target 3.0)" in done.stdout
+    record = json.loads((out / "evopress_config.json").read_text())
+    assert record["config"]["act_order"] is True and record["config"]["bits"] == [2, 3, 4]
+    levels = tmp_path / "levels.txt"
+    levels.write_text("".join(f"{name}: {bits}\n" for name, bits in record["levels"].items()))
+    fixed = evopress("compress", *quantize, "--search", "fixed", "--levels", levels, "--output", tmp_path / "fixed")
+    assert fixed.returncode == 0, fixed.stderr
+    assert json.loads((tmp_path / "fixed" / "evopress_config.json").read_text())["levels"] == record["levels"]
+    bad = evopress("compress", *quantize, "--act-order", "maybe", "--output", tmp_path / "bad")
+    assert bad.returncode == 2 and "expected true or false" in bad.stderr
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--target", "1.5"], "EvoPressConfig.target"),
     (["--method", "quantum"], "unknown method"),

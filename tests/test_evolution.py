@@ -3,8 +3,8 @@ import itertools
 import numpy as np
 import pytest
 
-from optimum_evopress.search import (LevelSpace, SearchSettings, brute_force_search, evolutionary_search,
-                                     multi_step_selection, one_at_a_time_search, random_search)
+from optimum_evopress.search import (LevelSpace, SearchSettings, brute_force_search, dynamic_programming_search,
+                                     evolutionary_search, multi_step_selection, one_at_a_time_search, random_search)
 
 N, K = 12, 4
 WEIGHTS = np.random.default_rng(42).uniform(0.1, 1.0, N)
@@ -126,3 +126,37 @@ def test_generic_baselines():
     ranked = one_at_a_time_search(space(), evaluate, 16).assignment
     assert ranked == tuple(int(i in np.argsort(WEIGHTS)[:K]) for i in range(N))
     assert space().is_valid(random_search(space(), seed=3).assignment)
+
+
+def test_random_search_keeps_the_best_of_its_candidates():
+    log = []
+    result = random_search(space(), seed=3, evaluate=make_evaluate(log=log), num_tokens=32, candidates=10)
+    drawn = log[0][0]
+    assert len(drawn) == 10 and log[0][1] == 32
+    assert result.assignment == min(drawn, key=true_fitness)
+    assert result.fitness == pytest.approx(true_fitness(result.assignment))
+
+
+def _bits_space(grouped):
+    # Six layers of sizes 1, 1, 2, 2, 3, 3 at 3.5 bits on average; grouped: each size pair averages 3.5 bits.
+    sizes = (1, 1, 2, 2, 3, 3)
+    levels = (8, 4, 3, 2)
+    kwargs = dict(groups=(0, 0, 1, 1, 2, 2), group_budgets=(7, 14, 21)) if grouped else {}
+    budget = 42
+    return LevelSpace(units=[f"l{i}" for i in range(6)], levels=[levels] * 6,
+                      costs=[tuple(b * s for b in levels) for s in sizes], budget=budget, **kwargs)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_dynamic_programming_is_exact_for_additive_errors(grouped):
+    space = _bits_space(grouped)
+    rng = np.random.default_rng(5)
+    errors = rng.uniform(0, 1, (6, 4)).cumsum(axis=1)  # error grows as bits shrink
+    result = dynamic_programming_search(space, errors.tolist())
+    assert space.is_valid(result.assignment)
+    valid = [a for a in itertools.product(range(4), repeat=6) if space.is_valid(a)]
+    best = min(valid, key=lambda a: sum(errors[u, lv] for u, lv in enumerate(a)))
+    total = lambda a: sum(errors[u, lv] for u, lv in enumerate(a))  # noqa: E731
+    assert total(result.assignment) == pytest.approx(total(best))
+    with pytest.raises(ValueError, match="one value per unit"):
+        dynamic_programming_search(space, errors[:5].tolist())
