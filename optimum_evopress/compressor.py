@@ -170,7 +170,8 @@ class EvoPressCompressor:
         with torch.no_grad():
             if config.search == "evolution":
                 found = evolutionary_search(space, evaluate, search_settings, checkpoint_path=config.checkpoint_path,
-                                            resume_from=config.resume_from, progress=progress)
+                                            resume_from=config.resume_from, progress=progress,
+                                            seeds=method.initial_assignments(space))
             elif config.search == "random":
                 found = random_search(space, config.seed, evaluate, final_tokens, search_settings.initial_candidates)
             elif config.search == "brute_force":

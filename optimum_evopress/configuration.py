@@ -98,10 +98,11 @@ class EvoPressConfig:
     damp_percent: float = field(
         default=0.01, metadata={"help": "For `quantization`: GPTQ dampening, a fraction of the mean Hessian diagonal."}
     )
-    calibration_bits: int | None = field(
-        default=None,
-        metadata={"help": "For `quantization`: None (default) builds every layer's variants from dense inputs; a "
-                  "bit-width calibrates sequentially, each block seeing earlier blocks quantized at that width."},
+    calibration_bits: int | str = field(
+        default="auto",
+        metadata={"help": "For `quantization`: the bit-width the earlier blocks are quantized at while a block's "
+                  "Hessians are collected (sequential calibration). `auto`: the smallest level >= target; `dense`: "
+                  "every block sees dense inputs."},
     )
     mutation_rule: str = field(
         default="size",
@@ -175,6 +176,8 @@ class EvoPressConfig:
                f"must be one of {MUTATION_RULES}, got {self.mutation_rule!r}")
         if isinstance(self.bits, tuple):
             self.bits = list(self.bits)
+        if isinstance(self.calibration_bits, str) and self.calibration_bits.isdigit():
+            self.calibration_bits = int(self.calibration_bits)  # from the command line
         for name in ("act_order", "database_in_memory"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"EvoPressConfig.{name} must be a bool, got {getattr(self, name)!r}")

@@ -160,3 +160,15 @@ def test_dynamic_programming_is_exact_for_additive_errors(grouped):
     assert total(result.assignment) == pytest.approx(total(best))
     with pytest.raises(ValueError, match="one value per unit"):
         dynamic_programming_search(space, errors[:5].tolist())
+
+
+def test_seed_assignments_join_the_initial_pool():
+    log = []
+    best = optimum()
+    settings = SearchSettings(generations=0, offspring=4, survivors_per_selection=(2, 1), tokens_per_selection=(8, 16),
+                              initial_candidates=4, max_flips=3, seed=0)
+    result = evolutionary_search(space(), make_evaluate(log=log), settings, progress=False, seeds=[best])
+    assert best in log[0][0] and len(log[0][0]) == 4
+    assert result.assignment == best
+    with pytest.raises(ValueError, match="not valid at the budget"):
+        evolutionary_search(space(), make_evaluate(), settings, progress=False, seeds=[(1,) * N])

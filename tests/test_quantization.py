@@ -154,8 +154,10 @@ def test_mutation_rule_all_and_sequential_calibration(tokenizer):
     assert anywhere.result.budget["cost"] == anywhere.result.budget["budget"]
     assert anywhere.result.budget["average_bits"] == pytest.approx(3.5, abs=0.02)
 
-    dense, _ = compress(tokenizer)
+    dense, _ = compress(tokenizer, calibration_bits="dense")
     sequential, _ = compress(tokenizer, calibration_bits=2)
+    auto, _ = compress(tokenizer, target=2.5)
+    assert auto.method.calibration_bits == 3 and auto.method.database.settings["calibration_bits"] == 3
     dense_errors, sequential_errors = dense.method.database.errors, sequential.method.database.errors
     first = "model.layers.0.self_attn.q_proj"
     assert dense_errors[first] == sequential_errors[first]  # block 0 sees the same inputs either way

@@ -44,3 +44,32 @@ def test_smollm2_first_block_is_never_removed():
     compressor.compress(config, progress=False)
     assert compressor.result.levels["model.layers.0"] == "kept"
     assert sum(level == "dropped" for level in compressor.result.levels.values()) == 3
+
+
+def test_smollm2_mixed_precision_gptq_round_trip(tmp_path):
+    """3 bits on average over 210 layers, saved as compressed-tensors, reloaded bit-exactly and used in a pipeline."""
+    from transformers import pipeline
+
+    model, tokenizer = load_default_model(torch.bfloat16)
+    config = EvoPressConfig(method="quantization", target=3.0, group_size=64, preset="cpu", generations=1,
+                            offspring=4, survivors_per_selection=[2, 1], tokens_per_selection=[256, 512],
+                            calibration_tokens=1024, evaluation_tokens=1024, initial_candidates=2,
+                            database_dir=str(tmp_path / "db"))
+    compressor = EvoPressCompressor(model, tokenizer)
+    compressed = compressor.compress(config, save_dir=tmp_path / "ckpt", progress=False)
+    result = compressor.result
+    assert len(result.levels) == 30 * 7 and result.budget["average_bits"] == 3.0
+    # The paper's size rule: q/o, k/v and the three MLP projections each average 3 bits on their own.
+    sizes: dict = {}
+    for name, bits in compressed.config.evopress["layer_bits"].items():
+        sizes.setdefault(compressed.get_submodule(name).weight.numel(), []).append(bits)
+    assert len(sizes) == 3 and all(sum(b) == 3 * len(b) for b in sizes.values())
+    assert result.perplexity["dense"] < result.perplexity["compressed"] < 10 * result.perplexity["dense"]
+    ids = tokenizer(["The history of the Roman Empire"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = compressed(input_ids=ids).logits
+    out = reload_in_fresh_process([tmp_path / "ckpt"], ids, tmp_path)[str(tmp_path / "ckpt")]
+    assert torch.equal(out["logits"], expected)
+    generator = pipeline("text-generation", model=str(tmp_path / "ckpt"), device="cpu")
+    text = generator("The capital of France is", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    assert text.startswith("The capital of France is") and len(text) > len("The capital of France is")

@@ -88,6 +88,10 @@ class CompressionMethod:
         """The assignment that `levels` (`{unit name: level}`, as in `EvoPressResult.levels`) describes."""
         return space.from_named(levels)
 
+    def initial_assignments(self, space: LevelSpace) -> list[Assignment]:
+        """Assignments that join the search's random initial candidates (none by default)."""
+        return []
+
     def summary(self, assignment: Assignment, space: LevelSpace) -> dict[str, Any]:
         """Method-specific facts about a chosen assignment for the result (e.g. average bits)."""
         return {}

@@ -68,6 +68,11 @@ class Quantization(CompressionMethod):
                         f"[evopress:quantization] module {name!r} ({type(module).__name__}) holds a 2-D weight but "
                         "is not an nn.Linear, and no adapter quantizes it")
         self.units = self._units()
+        # Sequential calibration bit-width (None: dense inputs); `auto` is the smallest level at or above the target.
+        if config.calibration_bits == "auto":
+            self.calibration_bits: int | None = min(b for b in self.bits if b >= config.target)
+        else:
+            self.calibration_bits = None if config.calibration_bits == "dense" else int(config.calibration_bits)
         self.database: VariantDatabase | None = None
         self._dense = {name: module.weight.data for name, module in self.linears.items()}
         self._variants: dict[str, dict[int, torch.Tensor]] = {}
@@ -91,8 +96,8 @@ class Quantization(CompressionMethod):
                 config.group_size, int) or config.group_size < 1):
             raise ValueError(f"EvoPressConfig.group_size: a positive int, or None for one scale per output row, "
                              f"got {config.group_size!r}")
-        if config.calibration_bits is not None and config.calibration_bits not in bits:
-            raise ValueError(f"EvoPressConfig.calibration_bits: one of the levels {sorted(bits)} or None, "
+        if config.calibration_bits not in ("auto", "dense") and config.calibration_bits not in bits:
+            raise ValueError(f"EvoPressConfig.calibration_bits: 'auto', 'dense' or one of the levels {sorted(bits)}, "
                              f"got {config.calibration_bits!r}")
         if config.search == "uniform" and float(config.target) not in [float(b) for b in bits]:
             raise ValueError(f"EvoPressConfig.target: search='uniform' needs a target that is one of the levels "
@@ -170,7 +175,7 @@ class Quantization(CompressionMethod):
         c = self.config
         return {
             "method": "quantization", "bits": sorted(c.bits), "group_size": c.group_size, "act_order": c.act_order,
-            "damp_percent": c.damp_percent, "calibration_bits": c.calibration_bits,
+            "damp_percent": c.damp_percent, "calibration_bits": self.calibration_bits,
             "scale_dtype": str(next(iter(self.linears.values())).weight.dtype),
             "model": tensor_fingerprint(m.weight for m in self.linears.values()),
             "layers": len(self.linears),
@@ -244,10 +249,10 @@ class Quantization(CompressionMethod):
                     tensors[f"{b}.scale"] = variant.scale
                 self.database.add_layer(name, tensors, {b: v.error for b, v in variants.items()})
             del hessians, accumulators
-            if self.config.calibration_bits is not None:
+            if self.calibration_bits is not None:
                 # Sequential calibration: the next block sees this block's outputs at the calibration bit-width.
                 for name in names:
-                    self.linears[name].weight.data = self._decode(name, self.config.calibration_bits)
+                    self.linears[name].weight.data = self._decode(name, self.calibration_bits)
                 outputs = [self._run_block(block, hidden, extra) for hidden, extra in inputs]
                 for name in names:
                     self.linears[name].weight.data = self._dense[name]
@@ -317,6 +322,14 @@ class Quantization(CompressionMethod):
                                  f"{list(allowed)}")
             assignment.append(allowed.index(bits))
         return tuple(assignment)
+
+    def initial_assignments(self, space: LevelSpace) -> list[Assignment]:
+        """At a target that is one of the levels, the uniform assignment starts among the initial candidates."""
+        if float(self.config.target) in [float(b) for b in self.bits]:
+            uniform = tuple([self.bits.index(int(self.config.target))] * space.num_units)
+            if space.is_valid(uniform):
+                return [uniform]
+        return []
 
     def summary(self, assignment: Assignment, space: LevelSpace) -> dict[str, Any]:
         total = sum(m.weight.numel() for m in self.linears.values())

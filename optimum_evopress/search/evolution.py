@@ -135,6 +135,7 @@ def evolutionary_search(
     checkpoint_path: str | None = None,
     resume_from: str | None = None,
     progress: bool = True,
+    seeds: Sequence[Assignment] = (),
 ) -> SearchResult:
     """Runs the (1+lambda) evolutionary search of EvoPress on `space`.
 
@@ -151,7 +152,12 @@ def evolutionary_search(
         checkpoint_path: where to write the search state after each generation.
         resume_from: a state written by an earlier run with the same space and settings.
         progress: show a tqdm bar.
+        seeds: assignments that join the random ones in the initial pool (e.g. uniform at an integer
+            bit-width target); the pool still holds `initial_candidates` in total.
     """
+    for seed_assignment in seeds:
+        if not space.is_valid(seed_assignment):
+            raise ValueError(f"evolutionary_search: seed assignment {seed_assignment} is not valid at the budget")
     mutation_rng, data_rng = _new_rngs(settings.seed)
     history: list[dict[str, Any]] = []
     if resume_from is not None and os.path.exists(resume_from):
@@ -166,8 +172,10 @@ def evolutionary_search(
         if resume_from is not None:
             raise FileNotFoundError(f"resume_from: no search state at {resume_from!r}")
         start_time = time.perf_counter()
-        pool: list[Assignment] = []
+        pool: list[Assignment] = list(dict.fromkeys(tuple(a) for a in seeds))[:max(settings.initial_candidates, 1)]
         for _ in range(settings.initial_candidates * 4):
+            if len(pool) >= settings.initial_candidates:
+                break
             candidate = space.random_assignment(mutation_rng)
             if candidate not in pool:
                 pool.append(candidate)
