@@ -60,7 +60,13 @@ def test_local_files_folders_and_datasets(tmp_path, tokenizer):
 
 
 def test_unknown_name_explains_the_sources(monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    # Offline mode is read at import time, so set the flags the libraries consult, not only the environment.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
     with pytest.raises(ValueError, match="not a built-in corpus"):
         load_texts("no-such-user/no-such-dataset-xyz")
