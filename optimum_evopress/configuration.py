@@ -114,8 +114,10 @@ class EvoPressConfig:
         metadata={"help": "Directory of the variant database: built there if empty, reused if built with the same "
                   "model, data and settings (else an error). None: in memory only."},
     )
-    database_in_memory: bool = field(
-        default=True, metadata={"help": "Hold all variants in memory; False reads them from `database_dir` on use."}
+    database_in_memory: bool | None = field(
+        default=None,
+        metadata={"help": "Hold all variants in memory (True), or read them from `database_dir` through memory maps "
+                  "on use (False). None: in memory when they fit in half the available memory."},
     )
     preset: str = field(default="paper", metadata={"help": "Defaults for unset search settings: `paper` or `cpu`."})
     generations: int | None = field(default=None, metadata={"help": "Number of generations of the (1+lambda)-EA."})
@@ -179,7 +181,8 @@ class EvoPressConfig:
         if isinstance(self.calibration_bits, str) and self.calibration_bits.isdigit():
             self.calibration_bits = int(self.calibration_bits)  # from the command line
         for name in ("act_order", "database_in_memory"):
-            if not isinstance(getattr(self, name), bool):
+            if not isinstance(getattr(self, name), bool) and not (name == "database_in_memory" and self.database_in_memory
+                                                                   is None):
                 raise TypeError(f"EvoPressConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.damp_percent, bool) or not isinstance(self.damp_percent, (int, float)):
             raise TypeError(f"EvoPressConfig.damp_percent must be a number, got {self.damp_percent!r}")
@@ -189,7 +192,7 @@ class EvoPressConfig:
             _check(not os.path.isfile(self.database_dir), "database_dir",
                    f"{self.database_dir!r} is a file; give a directory")
         else:
-            _check(self.database_in_memory, "database_in_memory", "False needs a database_dir to read from")
+            _check(self.database_in_memory is not False, "database_in_memory", "False needs a database_dir to read from")
         _check((self.search == "fixed") == (self.levels is not None), "levels",
                "give levels exactly when search='fixed'" + (f" (search is {self.search!r})" if self.levels is not None
                                                             else ""))

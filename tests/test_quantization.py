@@ -240,3 +240,18 @@ def test_bad_model_input_fails_before_work_and_writes_nothing(tokenizer, tmp_pat
         EvoPressCompressor(model, tokenizer).compress(quant_config(), save_dir=tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
     assert not os.listdir(tmp_path)
+
+
+def test_variants_stream_from_disk_when_memory_is_short(quantized, tokenizer, monkeypatch):
+    import psutil
+
+    compressor, compressed, root = quantized
+
+    class Tight:
+        available = 1024
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Tight())
+    streamed, model = compress(tokenizer, database_dir=str(root / "db"))
+    assert not streamed.method.variants_fit_in_memory() and not streamed.method.database.in_memory
+    assert streamed.result.levels == compressor.result.levels
+    assert torch.equal(logits(model), logits(compressed))

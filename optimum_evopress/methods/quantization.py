@@ -182,19 +182,32 @@ class Quantization(CompressionMethod):
             "calibration": tensor_fingerprint([calibration]),
         }
 
+    def variants_fit_in_memory(self) -> bool:
+        """Whether `database_in_memory` (None: decide) keeps the dequantized variants in memory."""
+        if self.config.database_in_memory is not None or self.config.database_dir is None:
+            return self.config.database_in_memory is not False
+        import psutil
+
+        weights = sum(m.weight.numel() * m.weight.element_size() for m in self.linears.values())
+        packed = sum(m.weight.numel() for m in self.linears.values()) * sum(self.bits) / 8
+        return weights * len(self.bits) + packed < psutil.virtual_memory().available / 2
+
     def build(self, calibration: torch.Tensor, progress: bool = True) -> None:
         settings = self.database_settings(calibration)
         directory = self.config.database_dir
+        in_memory = self.variants_fit_in_memory()
+        if not in_memory:
+            logger.info("the variants do not fit in memory: reading them from %s at each swap", directory)
         if VariantDatabase.exists(directory):
-            self.database = VariantDatabase.open(directory, settings, self.linears, self.config.database_in_memory)
+            self.database = VariantDatabase.open(directory, settings, self.linears, in_memory)
             logger.info("reusing the GPTQ database in %s (%.1f MiB)", directory, self.database.size_bytes / 2**20)
         else:
-            self.database = VariantDatabase(settings, directory, self.config.database_in_memory)
+            self.database = VariantDatabase(settings, directory, in_memory)
             self._build_database(calibration, progress)
             self.database.finish()
             logger.info("built the GPTQ database (%d layers x %d bit-widths, %.1f MiB)", len(self.linears),
                         len(self.bits), self.database.size_bytes / 2**20)
-        if self.config.database_in_memory:
+        if in_memory:
             self._variants = {name: {b: self._decode(name, b) for b in self.bits} for name in self.linears}
 
     def _decode(self, name: str, bits: int) -> torch.Tensor:
