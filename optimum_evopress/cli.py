@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
             compress.add_argument(flag, type=_boolean, default=None, metavar="{true,false}", help=help_text)
         elif f.type == "float":
             compress.add_argument(flag, type=float, default=None, help=help_text)
-        elif f.type in ("int | None", "int"):
+        elif f.type == "int | None":
+            compress.add_argument(flag, type=_int_or_none, default=None, help=help_text + " (`none`: unset)")
+        elif f.type == "int":
             compress.add_argument(flag, type=int, default=None, help=help_text)
         else:
             compress.add_argument(flag, default=None, help=help_text)
@@ -63,6 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tokens", type=int, default=None, help="evaluate on the first N tokens only")
     evaluate.add_argument("--batch-size", type=int, default=8)
     return parser
+
+
+_UNSET = "none"
+
+
+def _int_or_none(text: str) -> int | str:
+    if text.lower() == _UNSET:
+        return _UNSET
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {text!r}") from None
 
 
 def _boolean(text: str) -> bool:
@@ -80,7 +94,7 @@ def _config_from_args(args: argparse.Namespace) -> Any:
     for f in dataclasses.fields(EvoPressConfig):
         value = getattr(args, f.name)
         if value is not None:
-            values[f.name] = value
+            values[f.name] = None if value == _UNSET else value
     return EvoPressConfig(**values)
 
 

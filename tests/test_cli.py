@@ -88,3 +88,14 @@ def test_non_empty_output_exits_2(tiny_checkpoint, tmp_path):
     (tmp_path / "out" / "x").write_text("x")
     done = evopress("compress", "--model", model, "--calibration-dataset", text, "--output", tmp_path / "out", *SMALL)
     assert done.returncode == 2 and "not empty" in done.stderr
+
+
+def test_group_size_none_and_booleans_parse_into_the_config():
+    from optimum_evopress.cli import _config_from_args, build_parser
+
+    args = build_parser().parse_args(["compress", "--output", "x", "--method", "quantization", "--target", "3",
+                                      "--group-size", "none", "--act-order", "yes", "--calibration-bits", "dense"])
+    config = _config_from_args(args)
+    assert config.group_size is None and config.act_order is True and config.calibration_bits == "dense"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compress", "--output", "x", "--group-size", "sixty"])
