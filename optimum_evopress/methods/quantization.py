@@ -252,6 +252,10 @@ class Quantization(CompressionMethod):
                     handle.remove()
             last[0] = None
             hessians = {name: acc.hessian() for name, acc in accumulators.items()}
+            unused = [name for name in names if name not in owner]
+            if unused:
+                raise ValueError(f"[evopress:quantization] layers {unused} saw no input during calibration, so GPTQ "
+                                 "cannot quantize them")
             for name in names:
                 module = self.linears[name]
                 variants = gptq_quantize(module.weight, hessians[owner[name]], self.bits, self.config.group_size,
