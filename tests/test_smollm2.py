@@ -51,9 +51,10 @@ def test_smollm2_mixed_precision_gptq_round_trip(tmp_path):
     from transformers import pipeline
 
     model, tokenizer = load_default_model(torch.bfloat16)
-    config = EvoPressConfig(method="quantization", target=3.0, group_size=64, preset="cpu", generations=1,
-                            offspring=4, survivors_per_selection=[2, 1], tokens_per_selection=[256, 512],
-                            calibration_tokens=1024, evaluation_tokens=1024, initial_candidates=2,
+    # GPTQ needs more calibration tokens than a layer has inputs (1,536 for down_proj) to generalise.
+    config = EvoPressConfig(method="quantization", target=3.0, bits=[2, 3, 4, 8], group_size=64, preset="cpu",
+                            generations=1, offspring=4, survivors_per_selection=[2, 1], tokens_per_selection=[256, 512],
+                            calibration_tokens=4096, evaluation_tokens=1024, initial_candidates=2,
                             database_dir=str(tmp_path / "db"))
     compressor = EvoPressCompressor(model, tokenizer)
     compressed = compressor.compress(config, save_dir=tmp_path / "ckpt", progress=False)

@@ -224,6 +224,11 @@ class Quantization(CompressionMethod):
         from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
         self.reset()
+        widest = max(m.in_features for m in self.linears.values())
+        if calibration.numel() < 2 * widest:
+            logger.warning("%d calibration tokens for layers with up to %d inputs: GPTQ fits the few inputs it sees "
+                           "and generalises poorly; use several times more tokens than inputs", calibration.numel(),
+                           widest)
         device = next(self.model.parameters()).device
         inputs = self._first_block_inputs(calibration, device)
         scale_dtype = next(iter(self.linears.values())).weight.dtype
