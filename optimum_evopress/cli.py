@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import sys
+from collections import Counter
 from typing import Any, Sequence
 
 __all__ = ["main", "build_parser"]
@@ -123,9 +124,7 @@ def _compress(args: argparse.Namespace) -> int:
     compressor.compress(config, save_dir=args.output, overwrite=args.overwrite, progress=not args.quiet)
     result = compressor.result
     if "average_bits" in result.budget:
-        counts: dict[Any, int] = {}
-        for level in result.levels.values():
-            counts[level] = counts.get(level, 0) + 1
+        counts = Counter(result.levels.values())
         print(f"average bits: {result.budget['average_bits']:.4f} (target {config.target}); units per bit-width: "
               + ", ".join(f"{bits}: {counts[bits]}" for bits in sorted(counts)))
     else:

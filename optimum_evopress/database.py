@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import tempfile
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from safetensors import safe_open
@@ -50,6 +50,19 @@ def _layer_file(name: str) -> str:
     return f"{name}.safetensors"
 
 
+def _write_atomically(path: str, suffix: str, write: Callable[[str], None]) -> None:
+    """Calls `write(temporary path)` next to `path`, then renames it over `path`; no partial file is left."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 class VariantDatabase:
     """Tensors of every variant of every layer, plus each variant's error.
 
@@ -70,7 +83,6 @@ class VariantDatabase:
         self.errors: dict[str, dict[str, float]] = {}
         self._files: dict[str, dict[str, Any]] = {}
         self._tensors: dict[str, dict[str, torch.Tensor]] = {}
-        self.complete = False
 
     # ------------------------------------------------------------------ building
     def add_layer(self, name: str, tensors: dict[str, torch.Tensor], errors: dict[Any, float]) -> None:
@@ -80,15 +92,7 @@ class VariantDatabase:
         if self.directory is not None:
             os.makedirs(self.directory, exist_ok=True)
             path = os.path.join(self.directory, _layer_file(name))
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".safetensors")
-            os.close(fd)
-            try:
-                save_file(tensors, tmp)
-                os.replace(tmp, path)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-                raise
+            _write_atomically(path, ".safetensors", lambda tmp: save_file(tensors, tmp))
             self._files[name] = {"file": _layer_file(name), "sha256": _file_sha256(path),
                                  "bytes": os.path.getsize(path)}
         else:
@@ -97,16 +101,17 @@ class VariantDatabase:
             self._tensors[name] = tensors
 
     def finish(self) -> None:
-        """Marks the database complete and writes the manifest (last, so a partial build never looks complete)."""
-        self.complete = True
+        """Writes the manifest (last, so a partial build never looks complete); nothing to do in memory."""
         if self.directory is None:
             return
         manifest = {"format_version": FORMAT_VERSION, "settings": self.settings, "layers": self._files,
                     "errors": self.errors}
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".json")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(manifest, handle, indent=1, sort_keys=True)
-        os.replace(tmp, os.path.join(self.directory, MANIFEST_NAME))
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as handle:
+                json.dump(manifest, handle, indent=1, sort_keys=True)
+
+        _write_atomically(os.path.join(self.directory, MANIFEST_NAME), ".json", write)
 
     # ------------------------------------------------------------------ opening
     @staticmethod
@@ -153,18 +158,11 @@ class VariantDatabase:
             if in_memory:
                 with safe_open(path, framework="pt") as handle:
                     database._tensors[name] = {key: handle.get_tensor(key) for key in handle.keys()}
-        database.complete = True
         return database
 
     # ------------------------------------------------------------------ reading
-    def tensors(self, name: str) -> dict[str, torch.Tensor]:
-        """All variant tensors of layer `name` (from memory, or read through a memory map)."""
-        if name in self._tensors:
-            return self._tensors[name]
-        with safe_open(os.path.join(self.directory, self._files[name]["file"]), framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}
-
     def tensor(self, name: str, key: str) -> torch.Tensor:
+        """One variant tensor of layer `name` (from memory, or read through a memory map)."""
         if name in self._tensors:
             return self._tensors[name][key]
         with safe_open(os.path.join(self.directory, self._files[name]["file"]), framework="pt") as handle:

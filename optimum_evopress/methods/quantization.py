@@ -68,6 +68,7 @@ class Quantization(CompressionMethod):
                         f"[evopress:quantization] module {name!r} ({type(module).__name__}) holds a 2-D weight but "
                         "is not an nn.Linear, and no adapter quantizes it")
         self.units = self._units()
+        self.quantized_weights = sum(m.weight.numel() for m in self.linears.values())
         # Sequential calibration bit-width (None: dense inputs); `auto` is the smallest level at or above the target.
         if config.calibration_bits == "auto":
             self.calibration_bits: int | None = min(b for b in self.bits if b >= config.target)
@@ -157,18 +158,20 @@ class Quantization(CompressionMethod):
         groups = [distinct.index(size) for size in sizes]
         group_budgets = [round(self.config.target * groups.count(g)) * size for g, size in enumerate(distinct)]
         budget = sum(group_budgets)
+        names = [name for name, _ in self.units]
         if self.config.mutation_rule == "size":
-            space = LevelSpace(self._unit_names(), levels, costs, budget, groups=groups, group_budgets=group_budgets)
+            space = LevelSpace(names, levels, costs, budget, groups=groups, group_budgets=group_budgets)
         else:
-            space = LevelSpace(self._unit_names(), levels, costs, budget)
+            space = LevelSpace(names, levels, costs, budget)
         space.feasible_assignment()  # raises now if the levels cannot meet the budget exactly
         return space
 
-    def _unit_names(self) -> list[str]:
-        return [name for name, _ in self.units]
-
-    def average_bits(self, space: LevelSpace) -> float:
-        return space.budget / sum(m.weight.numel() for m in self.linears.values())
+    def _uniform(self, space: LevelSpace) -> Assignment | None:
+        """Every unit at the target bit-width, when the target is a level and that meets the budget."""
+        if float(self.config.target) not in [float(b) for b in self.bits]:
+            return None
+        uniform = tuple([self.bits.index(int(self.config.target))] * space.num_units)
+        return uniform if space.is_valid(uniform) else None
 
     # ------------------------------------------------------------------ database
     def database_settings(self, calibration: torch.Tensor) -> dict[str, Any]:
@@ -270,7 +273,8 @@ class Quantization(CompressionMethod):
                     tensors[f"{b}.packed"] = pack_to_int32(variant.qweight, b)
                     tensors[f"{b}.scale"] = variant.scale
                 self.database.add_layer(name, tensors, {b: v.error for b, v in variants.items()})
-            del hessians, accumulators
+            del hessians
+            accumulators.clear()
             if self.calibration_bits is not None:
                 # Sequential calibration: the next block sees this block's outputs at the calibration bit-width.
                 for name in names:
@@ -347,14 +351,11 @@ class Quantization(CompressionMethod):
 
     def initial_assignments(self, space: LevelSpace) -> list[Assignment]:
         """At a target that is one of the levels, the uniform assignment starts among the initial candidates."""
-        if float(self.config.target) in [float(b) for b in self.bits]:
-            uniform = tuple([self.bits.index(int(self.config.target))] * space.num_units)
-            if space.is_valid(uniform):
-                return [uniform]
-        return []
+        uniform = self._uniform(space)
+        return [] if uniform is None else [uniform]
 
     def summary(self, assignment: Assignment, space: LevelSpace) -> dict[str, Any]:
-        total = sum(m.weight.numel() for m in self.linears.values())
+        total = self.quantized_weights
         return {"average_bits": space.cost(assignment) / total, "target_average_bits": space.budget / total,
                 "database_bytes": self.database.size_bytes if self.database else None}
 
@@ -376,12 +377,12 @@ class Quantization(CompressionMethod):
             module = self.linears[name]
             scale = self.database.tensor(name, f"{bits}.scale").to(module.weight.device)
             module.register_buffer(SCALE_BUFFER, scale, persistent=False)
-        total = sum(m.weight.numel() for m in self.linears.values())
         self.model.config.evopress = {
             "method": "quantization",
             "granularity": self.granularity,
             "group_size": self.config.group_size,
-            "average_bits": sum(layer_bits[n] * m.weight.numel() for n, m in self.linears.items()) / total,
+            "average_bits": sum(layer_bits[n] * m.weight.numel() for n, m in self.linears.items())
+            / self.quantized_weights,
             "layer_bits": layer_bits,
         }
         attach_compressed_tensors_saving(self.model)
@@ -397,9 +398,8 @@ class Quantization(CompressionMethod):
         from ..search.baselines import dynamic_programming_search
 
         if name == "uniform":
-            level = self.bits.index(int(self.config.target))
-            assignment = tuple([level] * space.num_units)
-            if not space.is_valid(assignment):
+            assignment = self._uniform(space)
+            if assignment is None:
                 raise ValueError(f"search='uniform': {self.config.target} bits everywhere misses the budget")
             return assignment
         if name == "dynamic_programming":
