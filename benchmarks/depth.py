@@ -15,14 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 
 import torch
+from common import HeldOut, parse_overrides, write_json
 
-from optimum_evopress import EvoPressCompressor, EvoPressConfig, perplexity
-from optimum_evopress.data import load_texts, tokenize_to_sequences
-from optimum_evopress.fitness import FitnessEvaluator
+from optimum_evopress import EvoPressCompressor, EvoPressConfig
 from optimum_evopress.models import load_default_model
 
 SEARCHES = ("evolution", "shortgpt", "sliding_window", "one_at_a_time", "random")
@@ -30,11 +28,6 @@ CASES = ("block:0.25", "block:0.5", "sublayer:0.25", "sublayer:0.5")
 # Removing 8 of 30 blocks, good candidates differ little: a 2,048-token final stage on 8,192 calibration
 # tokens could not tell them apart reliably, so this case (all its searches) reads twice the data.
 CASE_SETTINGS = {"block:0.25": {"calibration_tokens": 16384, "tokens_per_selection": [256, 4096]}}
-
-
-def held_out(tokenizer, sequence_length, num_sequences):
-    return {name: tokenize_to_sequences(load_texts(name, "evaluation"), tokenizer, sequence_length)[:num_sequences]
-            for name in ("wikipedia", "shakespeare")}
 
 
 def main() -> None:
@@ -61,13 +54,8 @@ def main() -> None:
     generations = {case: int(n) for case, n in (item.split("=") for item in args.generations)}
 
     dense, tokenizer = load_default_model(dtype)
-    evaluation = held_out(tokenizer, 256, args.eval_sequences)
-    references = {}
-    rows = [{"case": "dense", "search": "-", **{f"ppl_{name}": perplexity(dense, seqs, progress=False)
-                                                for name, seqs in evaluation.items()}}]
-    for name, seqs in evaluation.items():
-        references[name] = FitnessEvaluator(dense, seqs, "kl", batch_size=8)
-        references[name].cache_teacher(progress=False)
+    held_out = HeldOut(dense, tokenizer, args.eval_sequences)
+    rows = [{"case": "dense", "search": "-", **held_out.dense_perplexity}]
     del dense
 
     if args.resume and os.path.exists(args.output):
@@ -79,7 +67,7 @@ def main() -> None:
             if any(row["case"] == case and row["search"] == search for row in rows):
                 continue
             model, _ = load_default_model(dtype)
-            overrides = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
+            overrides = parse_overrides(args.set)
             config = EvoPressConfig(**{**dict(method="depth", target=float(target), granularity=granularity,
                                               search=search, preset="cpu", generations=generations.get(case),
                                               evaluation_tokens=0, seed=args.seed),
@@ -91,11 +79,8 @@ def main() -> None:
             result = compressor.result
             row = {"case": case, "search": search, "search_seconds": result.timings["search"],
                    "total_seconds": seconds,
-                   "dropped": [unit for unit, level in result.levels.items() if level == "dropped"]}
-            for name, seqs in evaluation.items():
-                row[f"ppl_{name}"] = perplexity(model, seqs, progress=False)
-                references[name].model = model
-                row[f"kl_{name}"] = references[name].score([(i, seqs.shape[1]) for i in range(len(seqs))])
+                   "dropped": [unit for unit, level in result.levels.items() if level == "dropped"],
+                   **held_out.measure(model)}
             if search == "evolution":
                 t = result.timings
                 done = len(result.history) - 1
@@ -143,11 +128,7 @@ def report(rows: list, cases: list) -> dict:
 
 
 def write(args: argparse.Namespace, rows: list, verdict: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as handle:
-        json.dump({"rows": rows, "beats_every_baseline": verdict, "settings": vars(args),
-                   "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
-                               "torch": torch.__version__}}, handle, indent=2)
+    write_json(args.output, {"rows": rows, "beats_every_baseline": verdict, "settings": vars(args)})
 
 
 if __name__ == "__main__":

@@ -17,25 +17,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
+from collections import Counter
 
 import torch
+from common import HeldOut, parse_overrides, write_json
 
-from optimum_evopress import EvoPressCompressor, EvoPressConfig, perplexity
-from optimum_evopress.data import load_texts, prepare_token_data, tokenize_to_sequences
-from optimum_evopress.fitness import FitnessEvaluator
+from optimum_evopress import EvoPressCompressor, EvoPressConfig
+from optimum_evopress.data import prepare_token_data
 from optimum_evopress.methods.quantization import Quantization
 from optimum_evopress.models import load_default_model
 
 SEARCHES = ("evolution", "dynamic_programming", "uniform", "random")
 BITS = [2, 3, 4, 5, 6, 8]
-
-
-def held_out(tokenizer, sequence_length, num_sequences):
-    return {name: tokenize_to_sequences(load_texts(name, "evaluation"), tokenizer, sequence_length)[:num_sequences]
-            for name in ("wikipedia", "shakespeare")}
 
 
 def time_database(args, dtype) -> dict:
@@ -92,17 +87,12 @@ def main() -> None:
         write(args, rows, database)
 
     dense, tokenizer = load_default_model(dtype)
-    evaluation = held_out(tokenizer, 256, args.eval_sequences)
-    references = {}
+    held_out = HeldOut(dense, tokenizer, args.eval_sequences)
     if not any(row["search"] == "dense" for row in rows):
-        rows.append({"target": 16, "search": "dense", **{f"ppl_{name}": perplexity(dense, seqs, progress=False)
-                                                          for name, seqs in evaluation.items()}})
-    for name, seqs in evaluation.items():
-        references[name] = FitnessEvaluator(dense, seqs, "kl", batch_size=8)
-        references[name].cache_teacher(progress=False)
+        rows.append({"target": 16, "search": "dense", **held_out.dense_perplexity})
     del dense
 
-    overrides = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
+    overrides = parse_overrides(args.set)
     for target in args.targets:
         for search in args.searches:
             if search == "uniform" and target != int(target):
@@ -121,11 +111,8 @@ def main() -> None:
             result = compressor.result
             row = {"target": target, "search": search, "average_bits": result.budget["average_bits"],
                    "search_seconds": result.timings["search"], "build_seconds": result.timings["build"],
-                   "total_seconds": seconds, "bits_histogram": _histogram(model.config.evopress["layer_bits"])}
-            for name, seqs in evaluation.items():
-                row[f"ppl_{name}"] = perplexity(model, seqs, progress=False)
-                references[name].model = model
-                row[f"kl_{name}"] = references[name].score([(i, seqs.shape[1]) for i in range(len(seqs))])
+                   "total_seconds": seconds, "bits_histogram": _histogram(model.config.evopress["layer_bits"]),
+                   **held_out.measure(model)}
             if search == "evolution":
                 row["generations"] = len(result.history) - 1
                 row["levels"] = model.config.evopress["layer_bits"]
@@ -138,10 +125,7 @@ def main() -> None:
 
 
 def _histogram(layer_bits: dict) -> dict:
-    counts: dict = {}
-    for bits in layer_bits.values():
-        counts[str(bits)] = counts.get(str(bits), 0) + 1
-    return dict(sorted(counts.items(), key=lambda item: int(item[0])))
+    return {str(bits): count for bits, count in sorted(Counter(layer_bits.values()).items())}
 
 
 def report(rows: list, database: dict) -> dict:
@@ -169,12 +153,8 @@ def report(rows: list, database: dict) -> dict:
 
 
 def write(args: argparse.Namespace, rows: list, database: dict, verdict: dict | None = None) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as handle:
-        json.dump({"rows": rows, "database": database, "beats_every_baseline": verdict or {},
-                   "settings": vars(args),
-                   "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
-                               "torch": torch.__version__}}, handle, indent=2)
+    write_json(args.output, {"rows": rows, "database": database, "beats_every_baseline": verdict or {},
+                             "settings": vars(args)})
 
 
 if __name__ == "__main__":
