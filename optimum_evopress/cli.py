@@ -22,6 +22,7 @@ _EXAMPLES = """examples:
   evopress compress --preset cpu --dtype bfloat16 --target 0.25 --output smollm2-depth
   evopress compress --model ./llama --method depth --granularity sublayer --target 0.3 --output out
   evopress compress --preset cpu --method quantization --target 3 --group-size 64 --output smollm2-3bit
+  evopress compress --preset cpu --method quantization --target 3 --bits 2 3 4 8 --format gptq --output smollm2-gptq
   evopress compress --model ./llama --config evopress_config.json --output out
   evopress evaluate --model smollm2-depth --dataset shakespeare
 """
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="local model directory or Hub id; `smollm2-135m` (default) is the built-in offline model")
     compress.add_argument("--output", required=True, help="directory for the compressed checkpoint")
     compress.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    compress.add_argument("--format", choices=["compressed-tensors", "gptq"], default=None,
+                          help="quantization checkpoint format: compressed-tensors (default; plain transformers and "
+                               "vLLM load it) or gptq (bits 2/3/4/8; GPTQModel and vLLM; needs the [gptq] extra)")
     compress.add_argument("--config", help="an evopress_config.json (saved config or checkpoint); flags override it")
     from .configuration import EvoPressConfig  # noqa: PLC0415
 
@@ -121,7 +125,8 @@ def _compress(args: argparse.Namespace) -> int:
     print(f"EvoPress {config.method} on {args.model}: target {config.target}, search {config.search!r}, "
           f"preset {config.preset!r}" + (" (small CPU preset: short sequences, few generations)"
                                          if config.preset == "cpu" else ""))
-    compressor.compress(config, save_dir=args.output, overwrite=args.overwrite, progress=not args.quiet)
+    compressor.compress(config, save_dir=args.output, overwrite=args.overwrite, progress=not args.quiet,
+                        format=args.format)
     result = compressor.result
     if "average_bits" in result.budget:
         counts = Counter(result.levels.values())

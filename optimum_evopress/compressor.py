@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -15,7 +16,7 @@ from .configuration import EvoPressConfig
 from .data import TokenData, prepare_token_data
 from .evaluation import perplexity
 from .export import check_output_dir, save_checkpoint
-from .formats import load_levels
+from .formats import check_gptq_export, load_levels, save_gptq
 from .fitness import FitnessEvaluator, draw_minibatch, teacher_cache_bytes
 from .methods import CompressionMethod, get_method_class
 from .search import (Assignment, SearchResult, SearchSettings, brute_force_search, evolutionary_search,
@@ -26,6 +27,21 @@ __all__ = ["EvoPressCompressor", "EvoPressResult"]
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FORMATS = ("compressed-tensors", "gptq")
+
+
+def _check_format(format: str | None, method: str, bits: Any = (), shapes: dict[str, tuple[int, int]] | None = None
+                  ) -> None:
+    """Raises before any work when the checkpoint format cannot hold this compression."""
+    if format is None:
+        return
+    if format not in FORMATS:
+        raise ValueError(f"format: one of {list(FORMATS)} (or None for the method's standard format), got {format!r}")
+    if method != "quantization":
+        raise ValueError(f"format={format!r} applies to method='quantization'; a {method} checkpoint is a standard "
+                         "transformers checkpoint (format=None)")
+    if format == "gptq":
+        check_gptq_export(bits, shapes)
 
 
 @dataclass
@@ -87,7 +103,7 @@ class EvoPressCompressor:
 
     # ------------------------------------------------------------------ main entry point
     def compress(self, config: EvoPressConfig, save_dir: str | os.PathLike | None = None, overwrite: bool = False,
-                 progress: bool = True) -> torch.nn.Module:
+                 progress: bool = True, format: str | None = None) -> torch.nn.Module:
         """Searches a level per unit under `config`'s budget, applies it to the model, and returns the model.
 
         Args:
@@ -95,6 +111,7 @@ class EvoPressCompressor:
             save_dir: when given, the checkpoint is also written there (checked before any work starts).
             overwrite: replace a non-empty `save_dir`.
             progress: show tqdm progress bars.
+            format: the format `save_dir` is written in (see `save_pretrained`); checked before any work starts.
         """
         if not isinstance(config, EvoPressConfig):
             raise TypeError(f"compress() takes an EvoPressConfig, got {type(config).__name__}")
@@ -109,6 +126,8 @@ class EvoPressCompressor:
         if config.resume_from is not None and not os.path.isfile(config.resume_from):
             raise FileNotFoundError(f"EvoPressConfig.resume_from: no search state at {config.resume_from!r}")
         method = get_method_class(config.method)(self.model, config)
+        _check_format(format, config.method, config.bits,
+                      {name: tuple(m.weight.shape) for name, m in getattr(method, "linears", {}).items()})
         space = method.level_space()
         defaults = method.default_settings(config.preset, space)
         context = getattr(self.model.config, "max_position_embeddings", None)
@@ -201,7 +220,7 @@ class EvoPressCompressor:
         if baseline_perplexity is not None:
             self.result.perplexity = {"dense": baseline_perplexity, "compressed": self._perplexity(data, config)}
         if save_dir is not None:
-            self.save_pretrained(save_dir, overwrite=overwrite)
+            self.save_pretrained(save_dir, overwrite=overwrite, format=format)
         return compressed
 
     # ------------------------------------------------------------------ helpers
@@ -211,7 +230,14 @@ class EvoPressCompressor:
         if getattr(self.model, "hf_device_map", None) is None:
             self.model.to(device)
         if dtype is not None:
+            # Non-persistent float buffers (rotary `inv_freq`) keep their dtype, as when `from_pretrained`
+            # loads the model in `dtype`: so the compressed model computes what its reloaded checkpoint does.
+            kept = [(module, name, buffer) for module in self.model.modules()
+                    for name, buffer in module._buffers.items()
+                    if buffer is not None and buffer.is_floating_point() and name in module._non_persistent_buffers_set]
             self.model.to(dtype)
+            for module, name, buffer in kept:
+                module._buffers[name] = buffer
 
     def _perplexity(self, data: TokenData, config: EvoPressConfig) -> float | None:
         if len(data.evaluation) == 0:
@@ -225,11 +251,26 @@ class EvoPressCompressor:
             raise ValueError("nothing to save: call compress() first")
         return {"config": self.config.to_dict(), **self.result.to_dict()}
 
-    def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False, **kwargs: Any) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False, format: str | None = None,
+                        **kwargs: Any) -> None:
         """Writes the compressed model, its tokenizer and `evopress_config.json` atomically.
 
-        Raises a `ValueError` if `save_directory` exists and is not empty, unless `overwrite=True`.
+        Args:
+            save_directory: the checkpoint directory.
+            overwrite: replace a non-empty `save_directory` (otherwise a `ValueError`).
+            format: None for the method's standard format (depth: a plain transformers checkpoint;
+                quantization: compressed-tensors, which `AutoModelForCausalLM.from_pretrained` loads),
+                `"compressed-tensors"`, or `"gptq"` (quantization with bit-widths in 2, 3, 4, 8: a GPTQ
+                checkpoint with per-module `dynamic` bit-widths for GPTQModel and vLLM; needs the `[gptq]` extra).
         """
-        save_checkpoint(self.model, save_directory, self.record(), tokenizer=self.tokenizer, overwrite=overwrite,
-                        **kwargs)
+        record = self.record()
+        save_model = None
+        if format is not None:
+            layer_bits = self.model.config.evopress.get("layer_bits", {})
+            _check_format(format, self.config.method, layer_bits.values(),
+                          {name: tuple(self.model.get_submodule(name).weight.shape) for name in layer_bits})
+            if format == "gptq":
+                save_model = functools.partial(save_gptq, self.model)
+        save_checkpoint(self.model, save_directory, {**record, "format": format or "default"},
+                        tokenizer=self.tokenizer, overwrite=overwrite, save_model=save_model, **kwargs)
 

@@ -8,7 +8,7 @@ import os
 import platform
 import shutil
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .configuration import CONFIG_NAME
 
@@ -61,10 +61,13 @@ def library_versions() -> dict[str, str]:
 
 
 def save_checkpoint(model: Any, save_directory: str | os.PathLike, record: dict[str, Any], tokenizer: Any = None,
-                    overwrite: bool = False, **save_kwargs: Any) -> None:
-    """Writes `model` (and `tokenizer`) with `save_pretrained` plus `evopress_config.json`, atomically."""
+                    overwrite: bool = False, save_model: Callable[..., None] | None = None, **save_kwargs: Any) -> None:
+    """Writes `model` (and `tokenizer`) plus `evopress_config.json`, atomically.
+
+    The model is written by `save_model(directory, **save_kwargs)` when given, else by its `save_pretrained`.
+    """
     with atomic_directory(save_directory, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp, **save_kwargs)
+        (save_model or model.save_pretrained)(tmp, **save_kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as handle:

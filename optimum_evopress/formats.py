@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["quantization_config", "save_compressed_tensors", "attach_compressed_tensors_saving",
-           "read_levels_file", "write_levels_file", "load_levels", "SCALE_BUFFER"]
+__all__ = ["quantization_config", "save_compressed_tensors", "attach_compressed_tensors_saving", "save_gptq",
+           "check_gptq_export", "GPTQ_BITS", "read_levels_file", "write_levels_file", "load_levels", "SCALE_BUFFER"]
 
 # Non-persistent buffer holding a quantized linear layer's per-group scales in memory.
 SCALE_BUFFER = "evopress_weight_scale"
@@ -79,6 +79,115 @@ def save_compressed_tensors(model: torch.nn.Module, save_directory: str | os.Pat
 def attach_compressed_tensors_saving(model: torch.nn.Module) -> None:
     """Makes `model.save_pretrained` (and so `push_to_hub`) write the compressed-tensors checkpoint."""
     model.save_pretrained = types.MethodType(save_compressed_tensors, model)
+
+
+# ---------------------------------------------------------------------- GPTQ format (GPTQModel, vLLM)
+# Bit-widths GPTQ's packed int32 layout holds, and that GPTQModel's and vLLM's GPTQ kernels read.
+GPTQ_BITS = (2, 3, 4, 8)
+
+
+def check_gptq_export(bits: Any, shapes: dict[str, tuple[int, int]] | None = None) -> None:
+    """Raises before any work when a GPTQ-format export cannot hold these levels or layers.
+
+    `bits` are the bit-widths in use (or allowed); `shapes` maps layer names to (out, in) features.
+    """
+    unsupported = sorted(set(int(b) for b in bits) - set(GPTQ_BITS))
+    if unsupported:
+        raise ValueError(f"format='gptq': GPTQ's packed layout holds {list(GPTQ_BITS)} bits only, got "
+                         f"{unsupported}; choose EvoPressConfig.bits within {list(GPTQ_BITS)} or save as "
+                         f"compressed-tensors (every width from 2 to 8)")
+    for name, (out_features, in_features) in (shapes or {}).items():
+        if out_features % 32 or in_features % 32:
+            raise ValueError(f"format='gptq': layer {name} has shape ({out_features}, {in_features}); GPTQ packs "
+                             f"32 values per int32 word, so both sizes must be multiples of 32")
+    try:
+        import gptqmodel  # noqa: F401, PLC0415
+    except ImportError as error:
+        raise ImportError("format='gptq' packs with gptqmodel: pip install 'optimum-evopress[gptq]' "
+                          "(after `pip install torch==2.13.0` on CPU machines)") from error
+
+
+@torch.no_grad()
+def gptq_state_dict(model: torch.nn.Module, layer_bits: dict[str, int], group_size: int | None
+                    ) -> dict[str, torch.Tensor]:
+    """The model's state dict with every quantized layer as GPTQ `qweight`/`qzeros`/`scales`/`g_idx`.
+
+    Our symmetric integers q in [-2^(b-1), 2^(b-1) - 1] become GPTQ's unsigned q + 2^(b-1) with zero
+    point 2^(b-1), which dequantize to the same values; GPTQModel's own packer writes the words and
+    its v2 -> v1 conversion stores the zero points the way GPTQ checkpoints do (zero - 1).
+    """
+    from gptqmodel import QuantizeConfig  # noqa: PLC0415
+    from gptqmodel.nn_modules.qlinear.torch import TorchLinear  # noqa: PLC0415
+    from gptqmodel.utils.model import convert_gptq_v2_to_v1_format_module  # noqa: PLC0415
+
+    state = dict(model.state_dict())
+    for name, bits in layer_bits.items():
+        module = model.get_submodule(name)
+        out_features, in_features = module.weight.shape
+        size = group_size or in_features
+        scale = getattr(module, SCALE_BUFFER).to(torch.float16).float()
+        # Our integers, exactly: the in-memory weight is q * scale rounded once to the model's dtype.
+        q = torch.round(module.weight.double() / getattr(module, SCALE_BUFFER).double().repeat_interleave(size, 1))
+        zero = 2 ** (bits - 1)
+        # (q + zero) * scale is exact in float32 (8-bit integers times 11-bit fp16 mantissas), so the
+        # packer's round((W + zero * scale) / scale) recovers q + zero exactly.
+        source = types.SimpleNamespace(weight=(q.float() * scale.repeat_interleave(size, 1)), bias=None)
+        packed = TorchLinear(bits=bits, group_size=size, sym=True, desc_act=False, in_features=in_features,
+                             out_features=out_features, bias=False, register_buffers=False)
+        packed.pack(source, scales=scale, zeros=torch.full_like(scale, zero),
+                    g_idx=torch.arange(in_features, dtype=torch.int32) // size)
+        convert_gptq_v2_to_v1_format_module(packed, QuantizeConfig(bits=bits, group_size=size, sym=True))
+        del state[f"{name}.weight"]
+        for key in ("qweight", "qzeros", "scales", "g_idx"):
+            state[f"{name}.{key}"] = getattr(packed, key).contiguous()
+    return state
+
+
+def gptq_quantization_config(layer_bits: dict[str, int], group_size: int | None) -> dict[str, Any]:
+    """GPTQ `quantization_config`: the most common bit-width as `bits`, one exact-name `dynamic`
+    override per layer at another width (read by GPTQModel and vLLM)."""
+    counts: dict[int, int] = {}
+    for bits in layer_bits.values():
+        counts[bits] = counts.get(bits, 0) + 1
+    base = max(sorted(counts), key=lambda b: counts[b])
+    size = group_size or -1
+    dynamic = {f"+:^{re.escape(name)}$": {"bits": bits, "group_size": size}
+               for name, bits in sorted(layer_bits.items()) if bits != base}
+    return {"quant_method": "gptq", "checkpoint_format": "gptq", "bits": base, "group_size": size,
+            "desc_act": False, "sym": True, "lm_head": False, "pack_dtype": "int32", "dynamic": dynamic,
+            "meta": {"quantizer": ["optimum-evopress"]}}
+
+
+def save_gptq(model: torch.nn.Module, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+    """Writes `model` (quantized by EvoPress) as a GPTQ checkpoint with per-module `dynamic` bit-widths.
+
+    GPTQModel (`GPTQModel.load`) and vLLM load it. GPTQ stores scales in float16: weights equal the
+    in-memory model's exactly when its scales are float16- or bfloat16-representable (a model compressed
+    in either dtype), otherwise within float16 rounding of the scales. The in-memory model is untouched.
+    """
+    from transformers import PreTrainedModel  # noqa: PLC0415
+
+    record = getattr(model.config, "evopress", None)
+    if not record or record.get("method") != "quantization":
+        raise ValueError("save_gptq: the model was not quantized by EvoPress (config.evopress has no layer_bits)")
+    layer_bits = {name: int(bits) for name, bits in record["layer_bits"].items()}
+    check_gptq_export(layer_bits.values(),
+                      {name: tuple(model.get_submodule(name).weight.shape) for name in layer_bits})
+    state = gptq_state_dict(model, layer_bits, record["group_size"])
+    config = gptq_quantization_config(layer_bits, record["group_size"])
+    kwargs.pop("state_dict", None)
+    saved = getattr(model.config, "quantization_config", None)
+    model.config.quantization_config = config
+    try:
+        PreTrainedModel.save_pretrained(model, save_directory, state_dict=state, **kwargs)
+    finally:
+        if saved is None:
+            del model.config.quantization_config
+        else:
+            model.config.quantization_config = saved
+    with open(os.path.join(save_directory, "quantize_config.json"), "w", encoding="utf-8") as handle:
+        json.dump(config, handle, indent=2)
+        handle.write("\n")
 
 
 # ---------------------------------------------------------------------- reference text format

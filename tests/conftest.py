@@ -38,13 +38,14 @@ def tokenizer():
                                    pad_token="<eos>")
 
 
-def make_model(model_type: str = "llama", num_layers: int = 6, vocab_size: int = 320, seed: int = 0):
-    """A randomly initialised decoder of `model_type` with hidden size 32."""
+def make_model(model_type: str = "llama", num_layers: int = 6, vocab_size: int = 320, seed: int = 0, **overrides):
+    """A randomly initialised decoder of `model_type` with hidden size 32 (unless `overrides` say otherwise)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=256, head_dim=8,
                   pad_token_id=1, bos_token_id=1, eos_token_id=1, tie_word_embeddings=False)
+    kwargs.update(overrides)
     if model_type == "gemma3_text":
         kwargs.update(sliding_window=16, query_pre_attn_scalar=8)
     config = AutoConfig.for_model(model_type, **kwargs)

@@ -75,7 +75,7 @@ class Quantization(CompressionMethod):
         else:
             self.calibration_bits = None if config.calibration_bits == "dense" else int(config.calibration_bits)
         self.database: VariantDatabase | None = None
-        self._dense = {name: module.weight.data for name, module in self.linears.items()}
+        self._dense: dict[str, torch.Tensor] = {}  # taken in build(), after the model is moved and cast
         self._variants: dict[str, dict[int, torch.Tensor]] = {}
         self._current: dict[str, int | None] = {name: None for name in self.linears}
 
@@ -196,6 +196,7 @@ class Quantization(CompressionMethod):
         return weights * len(self.bits) + packed < psutil.virtual_memory().available / 2
 
     def build(self, calibration: torch.Tensor, progress: bool = True) -> None:
+        self._dense = {name: module.weight.data for name, module in self.linears.items()}
         settings = self.database_settings(calibration)
         directory = self.config.database_dir
         in_memory = self.variants_fit_in_memory()
