@@ -163,7 +163,7 @@ class EvoPressCompressor:
         baseline_perplexity = self._perplexity(data, config)
         clock = time.perf_counter()
         evaluator = FitnessEvaluator(self.model, data.calibration, config.fitness, config.topk, config.batch_size)
-        needs_teacher = config.search in ("evolution", "brute_force", "one_at_a_time") or (
+        needs_teacher = config.search in ("evolution", "brute_force", "one_at_a_time", *method.candidate_baselines) or (
             config.search == "random" and search_settings.initial_candidates > 1)
         if needs_teacher:
             logger.info("caching dense outputs: %.1f MiB", teacher_cache_bytes(
@@ -202,7 +202,13 @@ class EvoPressCompressor:
             else:
                 # Method baselines such as block influence need one forward pass: give them every calibration token.
                 found = method.run_baseline(config.search, space, data.calibration)
-                found = SearchResult(assignment=found, fitness=None)
+                if isinstance(found, list):  # candidates: keep the best on the final stage's tokens
+                    scores = [float(v) for v in evaluate(found, final_tokens, np.random.default_rng(config.seed))]
+                    best = int(np.argmin(scores))
+                    found = SearchResult(assignment=found[best], fitness=scores[best],
+                                         history=[{"candidate_scores": scores}])
+                else:
+                    found = SearchResult(assignment=found, fitness=None)
         method.reset()
         timings["search"] = time.perf_counter() - clock
         timings["search_forward"] = evaluator.forward_seconds

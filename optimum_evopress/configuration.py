@@ -104,10 +104,26 @@ class EvoPressConfig:
                   "Hessians are collected (sequential calibration). `auto`: the smallest level >= target; `dense`: "
                   "every block sees dense inputs."},
     )
-    mutation_rule: str = field(
-        default="size",
+    mutation_rule: str | None = field(
+        default=None,
         metadata={"help": "`size`: exchange budget only between units of equal size (each size group keeps the "
-                  "target average, the paper's rule); `all`: between any units with equal cost steps."},
+                  "target average, the paper's rule for quantization); `all`: between any units with equal cost "
+                  "steps. None: the method's default (`size` for quantization, `all` for sparsity)."},
+    )
+    sparsity_step: int | None = field(
+        default=None,
+        metadata={"help": "For `sparsity`: weights zeroed per level step, the same in every layer, so the budget is "
+                  "exact in weights. None: 3% of the mean layer size."},
+    )
+    sparsity_levels: int = field(
+        default=8,
+        metadata={"help": "For `sparsity`: levels on each side of the target (levels below 0% or at 100% are left "
+                  "out for that layer)."},
+    )
+    keep_zeros: bool = field(
+        default=False,
+        metadata={"help": "For `quantization`: weights that are exactly zero stay zero (GPTQ with the sparsity "
+                  "mask), e.g. on a model pruned by method `sparsity`; the export keeps the zeros."},
     )
     database_dir: str | None = field(
         default=None,
@@ -174,13 +190,13 @@ class EvoPressConfig:
         _check(self.search in allowed_searches, "search", f"must be one of {allowed_searches}, got {self.search!r}")
         _check(self.fitness in FITNESS_KINDS, "fitness", f"must be one of {FITNESS_KINDS}, got {self.fitness!r}")
         _check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
-        _check(self.mutation_rule in MUTATION_RULES, "mutation_rule",
+        _check(self.mutation_rule is None or self.mutation_rule in MUTATION_RULES, "mutation_rule",
                f"must be one of {MUTATION_RULES}, got {self.mutation_rule!r}")
         if isinstance(self.bits, tuple):
             self.bits = list(self.bits)
         if isinstance(self.calibration_bits, str) and self.calibration_bits.isdigit():
             self.calibration_bits = int(self.calibration_bits)  # from the command line
-        for name in ("act_order", "database_in_memory"):
+        for name in ("act_order", "keep_zeros", "database_in_memory"):
             if not isinstance(getattr(self, name), bool) and not (name == "database_in_memory" and self.database_in_memory
                                                                    is None):
                 raise TypeError(f"EvoPressConfig.{name} must be a bool, got {getattr(self, name)!r}")

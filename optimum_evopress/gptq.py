@@ -75,7 +75,7 @@ def _group_scales(weight: torch.Tensor, qmax: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: Sequence[int], group_size: int | None = 128,
                   act_order: bool = False, damp: float = 0.01, block_size: int = 128,
-                  scale_dtype: torch.dtype = torch.float32) -> dict[int, QuantizedVariant]:
+                  scale_dtype: torch.dtype = torch.float32, keep_zeros: bool = False) -> dict[int, QuantizedVariant]:
     """Quantizes `weight` (out, in) at every bit-width in `bits` with GPTQ, sharing one factorisation.
 
     Args:
@@ -89,6 +89,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: Sequence[in
         block_size: columns updated together (lazy batch updates); rounded up to a multiple of `group_size`.
         scale_dtype: the dtype scales are stored in; the solve rounds with scales in this dtype, so the
             stored integers and scales reproduce its result exactly.
+        keep_zeros: weights that are exactly zero stay zero (integer 0) and the error of every other weight
+            is compensated on the nonzero weights only, as SparseGPT quantizes a pruned layer.
     """
     rows, columns = weight.shape
     group = group_size or columns
@@ -107,14 +109,15 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: Sequence[in
     W = original.clone()
     W[:, dead] = 0.0
     W = W.repeat(n_bits, 1)  # rows of bit-width k are W[k*rows:(k+1)*rows]
+    keep = (original != 0).repeat(n_bits, 1) if keep_zeros else torch.ones_like(W, dtype=torch.bool)
 
     scales = torch.empty(n_bits * rows, columns // group, dtype=torch.float32, device=device)
     if act_order:
         for g in range(columns // group):
-            scales[:, g] = _group_scales(W[:, g * group:(g + 1) * group], qmax)
+            scales[:, g] = _group_scales(W[:, g * group:(g + 1) * group] * keep[:, g * group:(g + 1) * group], qmax)
         scales = scales.to(scale_dtype).to(torch.float32)
         perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
+        W, H, keep = W[:, perm], H[perm][:, perm], keep[:, perm]
         group_of = perm // group
     else:
         perm = None
@@ -137,10 +140,11 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: Sequence[in
             column = i1 + i
             if not act_order and column % group == 0:
                 # Scales of a group come from its columns as updated so far (the group lies inside this block).
-                scales[:, column // group] = _group_scales(W1[:, i:i + group], qmax).to(scale_dtype).float()
+                scales[:, column // group] = _group_scales(W1[:, i:i + group] * keep[:, column:column + group],
+                                                           qmax).to(scale_dtype).float()
             scale = scales[:, group_of[column]]
             w = W1[:, i]
-            q = torch.clamp(torch.round(w / scale), qmin[:, 0], qmax[:, 0])
+            q = torch.clamp(torch.round(w / scale), qmin[:, 0], qmax[:, 0]) * keep[:, column]
             Q[:, column] = q
             err = (w - q * scale) / U1[i, i]
             W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)

@@ -7,5 +7,7 @@ Add one with `register_method("name", MethodClass)`.
 from .base import CompressionMethod, get_method_class, register_method, registered_methods
 from .depth import DepthPruning
 from .quantization import Quantization
+from .sparsity import Sparsity
 
-__all__ = ["CompressionMethod", "DepthPruning", "Quantization", "get_method_class", "register_method", "registered_methods"]
+__all__ = ["CompressionMethod", "DepthPruning", "Quantization", "Sparsity", "get_method_class", "register_method",
+           "registered_methods"]

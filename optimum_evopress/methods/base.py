@@ -47,6 +47,8 @@ class CompressionMethod:
     granularities: ClassVar[tuple[str, ...]] = ()
     # Searches only this method can run (e.g. block-influence rankings for depth pruning).
     baselines: ClassVar[tuple[str, ...]] = ()
+    # Baselines that return several candidate assignments; the one with the best fitness is kept.
+    candidate_baselines: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: torch.nn.Module, config: "EvoPressConfig") -> None:
         self.model = model
@@ -96,5 +98,6 @@ class CompressionMethod:
         """Method-specific facts about a chosen assignment for the result (e.g. average bits)."""
         return {}
 
-    def run_baseline(self, name: str, space: LevelSpace, calibration: torch.Tensor) -> Assignment:
+    def run_baseline(self, name: str, space: LevelSpace, calibration: torch.Tensor) -> Assignment | list[Assignment]:
+        """The assignment a method-specific baseline chooses (a list of candidates for `candidate_baselines`)."""
         raise ValueError(f"method {self.name!r} has no baseline {name!r}")

@@ -14,7 +14,7 @@ from .evolution import Evaluate, SearchResult
 from .space import Assignment, LevelSpace
 
 __all__ = ["random_search", "brute_force_search", "one_at_a_time_search", "rank_to_assignment",
-           "dynamic_programming_search", "MAX_BRUTE_FORCE_CANDIDATES"]
+           "dynamic_programming_search", "closest_assignment", "MAX_BRUTE_FORCE_CANDIDATES"]
 
 MAX_BRUTE_FORCE_CANDIDATES = 20_000
 
@@ -155,3 +155,38 @@ def dynamic_programming_search(space: LevelSpace, errors: Sequence[Sequence[floa
             assignment[members[i]] = level
             remaining -= extra[i][level] // unit
     return SearchResult(assignment=tuple(assignment), fitness=None)
+
+
+def closest_assignment(space: LevelSpace, desired: Sequence[float]) -> Assignment:
+    """The assignment at the budget whose unit costs come closest to `desired` (one cost per unit).
+
+    Each unit starts at the level whose cost is nearest its desired cost; then, per group, the
+    move (one unit one level) that brings the total towards the budget at the least added distance
+    is taken until the budget is met exactly. Used to turn continuous allocations (e.g. OWL's
+    per-block sparsities) into levels.
+    """
+    if len(desired) != space.num_units:
+        raise ValueError("closest_assignment: one desired cost per unit")
+    assignment = [int(np.argmin([abs(c - d) for c in costs])) for costs, d in zip(space.costs, desired)]
+    budgets = space.group_budgets if space.groups is not None else (space.budget,)
+    for members, budget in zip(space.group_members(), budgets):
+        while True:
+            gap = budget - sum(space.costs[u][assignment[u]] for u in members)
+            if gap == 0:
+                break
+            best, best_key = None, None
+            for u in members:
+                for nxt in (assignment[u] - 1, assignment[u] + 1):
+                    if not 0 <= nxt < len(space.costs[u]):
+                        continue
+                    step = space.costs[u][nxt] - space.costs[u][assignment[u]]
+                    if step == 0 or (step > 0) != (gap > 0) or abs(step) > abs(gap):
+                        continue
+                    added = abs(space.costs[u][nxt] - desired[u]) - abs(space.costs[u][assignment[u]] - desired[u])
+                    key = (added / abs(step), u)
+                    if best_key is None or key < best_key:
+                        best, best_key = (u, nxt), key
+            if best is None:
+                raise ValueError(f"closest_assignment: the budget {budget} cannot be met exactly from here")
+            assignment[best[0]] = best[1]
+    return tuple(assignment)
