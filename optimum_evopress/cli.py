@@ -23,6 +23,7 @@ _EXAMPLES = """examples:
   evopress compress --model ./llama --method depth --granularity sublayer --target 0.3 --output out
   evopress compress --preset cpu --method quantization --target 3 --group-size 64 --output smollm2-3bit
   evopress compress --preset cpu --method quantization --target 3 --bits 2 3 4 8 --format gptq --output smollm2-gptq
+  evopress compress --preset cpu --method sparsity --target 0.6 --output smollm2-sparse-60
   evopress compress --model ./llama --config evopress_config.json --output out
   evopress evaluate --model smollm2-depth --dataset shakespeare
 """
@@ -132,6 +133,10 @@ def _compress(args: argparse.Namespace) -> int:
         counts = Counter(result.levels.values())
         print(f"average bits: {result.budget['average_bits']:.4f} (target {config.target}); units per bit-width: "
               + ", ".join(f"{bits}: {counts[bits]}" for bits in sorted(counts)))
+    elif "average_sparsity" in result.budget:
+        sparsities = model.config.evopress["layer_sparsity"].values()
+        print(f"average sparsity: {result.budget['average_sparsity']:.4f} (target {config.target}); layers from "
+              f"{min(sparsities):.1%} to {max(sparsities):.1%}")
     else:
         changed = {unit: level for unit, level in result.levels.items() if level not in ("kept",)}
         print(f"budget: {result.budget['cost']} of {result.budget['units']} units")
@@ -159,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return _compress(args) if args.command == "compress" else _evaluate(args)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
         print(f"evopress: error: {err}", file=sys.stderr)
         return 2
 

@@ -9,6 +9,7 @@ compressed-tensors support, and vLLM serves it when q/k/v and gate/up share thei
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -100,11 +101,10 @@ def check_gptq_export(bits: Any, shapes: dict[str, tuple[int, int]] | None = Non
         if out_features % 32 or in_features % 32:
             raise ValueError(f"format='gptq': layer {name} has shape ({out_features}, {in_features}); GPTQ packs "
                              f"32 values per int32 word, so both sizes must be multiples of 32")
-    try:
-        import gptqmodel  # noqa: F401, PLC0415
-    except ImportError as error:
+    # Found, not imported: gptqmodel is only imported when the checkpoint is written.
+    if importlib.util.find_spec("gptqmodel") is None:
         raise ImportError("format='gptq' packs with gptqmodel: pip install 'optimum-evopress[gptq]' "
-                          "(after `pip install torch==2.13.0` on CPU machines)") from error
+                          "(after `pip install torch==2.13.0` on CPU machines)")
 
 
 @torch.no_grad()

@@ -99,3 +99,17 @@ def test_group_size_none_and_booleans_parse_into_the_config():
     assert config.group_size is None and config.act_order is True and config.calibration_bits == "dense"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["compress", "--output", "x", "--group-size", "sixty"])
+
+
+def test_prune_from_the_shell(tiny_checkpoint, tmp_path):
+    model, text = tiny_checkpoint
+    done = evopress("compress", "--model", model, "--calibration-dataset", text, "--method", "sparsity", "--target",
+                    "0.5", "--sparsity-levels", "3", "--mutation-rule", "all", "--output", tmp_path / "out", *SMALL)
+    assert done.returncode == 0, done.stderr
+    assert "average sparsity: 0.50" in done.stdout and "layers from" in done.stdout
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["evopress"]["method"] == "sparsity" and len(config["evopress"]["layer_sparsity"]) == 42
+    gptq = evopress("compress", "--model", model, "--calibration-dataset", text, "--method", "sparsity", "--target",
+                    "0.5", "--format", "gptq", "--output", tmp_path / "bad", *SMALL)
+    assert gptq.returncode == 2 and "applies to method='quantization'" in gptq.stderr
+    assert not (tmp_path / "bad").exists()
