@@ -1,7 +1,7 @@
 """The `evopress` console script.
 
 Examples:
-    evopress compress --preset cpu --dtype bfloat16 --method depth --target 0.25 --output smollm2-depth
+    evopress compress --preset cpu --dtype float32 --method depth --target 0.25 --output smollm2-depth
     evopress compress --model ./my-llama --method depth --granularity sublayer --target 0.3 --output out
     evopress evaluate --model smollm2-depth --dataset shakespeare
 """
@@ -19,7 +19,7 @@ from typing import Any, Sequence
 __all__ = ["main", "build_parser"]
 
 _EXAMPLES = """examples:
-  evopress compress --preset cpu --dtype bfloat16 --target 0.25 --output smollm2-depth
+  evopress compress --preset cpu --dtype float32 --target 0.25 --output smollm2-depth
   evopress compress --model ./llama --method depth --granularity sublayer --target 0.3 --output out
   evopress compress --preset cpu --method quantization --target 3 --group-size 64 --output smollm2-3bit
   evopress compress --preset cpu --method quantization --target 3 --bits 2 3 4 8 --format gptq --output smollm2-gptq
