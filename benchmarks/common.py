@@ -39,6 +39,22 @@ class HeldOut:
         return row
 
 
+def beats_every_baseline(rows: list[dict[str, Any]], case_key: str = "target") -> dict[str, dict[str, bool]]:
+    """Per case and corpus: whether the `evolution` row has a lower held-out perplexity than every other
+    search of that case (dense rows are not a search). Printed, and returned for the JSON."""
+    verdict = {}
+    cases = dict.fromkeys(row[case_key] for row in rows if row["search"] != "dense")
+    for case in cases:
+        searches = {r["search"]: r for r in rows if r[case_key] == case and r["search"] != "dense"}
+        evo = searches.pop("evolution", None)
+        if evo is not None and searches:
+            label = f"{case:g}" if isinstance(case, float) else str(case)
+            verdict[label] = {name: all(evo[f"ppl_{name}"] < r[f"ppl_{name}"] for r in searches.values())
+                              for name in CORPORA}
+    print("\nEvoPress has the lowest held-out perplexity of all searches:", json.dumps(verdict))
+    return verdict
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """`--set FIELD=JSON ...` as EvoPressConfig keyword arguments."""
     return {key: json.loads(value) for key, value in (item.split("=", 1) for item in items)}

@@ -18,7 +18,7 @@ import os
 import time
 
 import torch
-from common import HeldOut, parse_overrides, write_json
+from common import HeldOut, beats_every_baseline, parse_overrides, write_json
 
 from optimum_evopress import EvoPressCompressor, EvoPressConfig
 from optimum_evopress.models import load_default_model
@@ -48,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.report:
         with open(args.output, encoding="utf-8") as handle:
-            report(json.load(handle)["rows"], args.cases)
+            report(json.load(handle)["rows"])
         return
     dtype = getattr(torch, args.dtype)
     generations = {case: int(n) for case, n in (item.split("=") for item in args.generations)}
@@ -97,12 +97,12 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             write(args, rows, {})
 
-    verdict = report(rows, args.cases)
+    verdict = report(rows)
     write(args, rows, verdict)
     print("wrote", args.output)
 
 
-def report(rows: list, cases: list) -> dict:
+def report(rows: list) -> dict:
     """Prints the results as a Markdown table and says whether EvoPress beats every baseline."""
     print("\n| case | search | Wikipedia ppl | Shakespeare ppl | Wikipedia KL | Shakespeare KL | search s |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
@@ -110,14 +110,7 @@ def report(rows: list, cases: list) -> dict:
         print(f"| {row['case']} | {row['search']} | {row['ppl_wikipedia']:.2f} | {row['ppl_shakespeare']:.2f} | "
               f"{row.get('kl_wikipedia', 0):.3f} | {row.get('kl_shakespeare', 0):.3f} | "
               f"{row.get('search_seconds', 0):.0f} |")
-    verdict = {}
-    for case in cases:
-        case_rows = {r["search"]: r for r in rows if r["case"] == case}
-        evo = case_rows.pop("evolution", None)
-        if evo is not None and case_rows:
-            verdict[case] = {name: all(evo[f"ppl_{name}"] < r[f"ppl_{name}"] for r in case_rows.values())
-                             for name in ("wikipedia", "shakespeare")}
-    print("\nEvoPress has the lowest held-out perplexity of all searches:", json.dumps(verdict))
+    verdict = beats_every_baseline(rows, "case")
     for row in rows:
         if "generation" in row:
             g = row["generation"]

@@ -22,7 +22,7 @@ import time
 from collections import Counter
 
 import torch
-from common import HeldOut, parse_overrides, write_json
+from common import HeldOut, beats_every_baseline, parse_overrides, write_json
 
 from optimum_evopress import EvoPressCompressor, EvoPressConfig
 from optimum_evopress.data import prepare_token_data
@@ -137,14 +137,7 @@ def report(rows: list, database: dict) -> dict:
         print(f"| {label} | {row['search']} | {row['ppl_wikipedia']:.2f} | {row['ppl_shakespeare']:.2f} | "
               f"{row.get('kl_wikipedia', 0):.3f} | {row.get('kl_shakespeare', 0):.3f} | "
               f"{row.get('search_seconds', 0):.0f} |")
-    verdict = {}
-    for target in sorted({row["target"] for row in rows if row["search"] != "dense"}):
-        case = {r["search"]: r for r in rows if r["target"] == target}
-        evo = case.pop("evolution", None)
-        if evo is not None and case:
-            verdict[f"{target:g}"] = {name: all(evo[f"ppl_{name}"] < r[f"ppl_{name}"] for r in case.values())
-                                      for name in ("wikipedia", "shakespeare")}
-    print("\nEvoPress has the lowest held-out perplexity of all searches:", json.dumps(verdict))
+    verdict = beats_every_baseline(rows)
     if "all" in database:
         print(f"database build: all {len(BITS)} bit-widths {database['all']:.0f} s "
               f"({database['all_bytes'] / 2**20:.0f} MiB) vs one bit-width {database['one']:.0f} s: "

@@ -59,6 +59,16 @@ def make_model(model_type: str = "llama", num_layers: int = 6, vocab_size: int =
     return model.eval()
 
 
+def input_ids():
+    """A fixed batch of token ids for comparing logits (vocabulary 320, as `make_model`)."""
+    return torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=input_ids()).logits
+
+
 @pytest.fixture
 def tiny_model():
     return make_model()

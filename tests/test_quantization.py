@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import corpus, make_model, reload_in_fresh_process
+from conftest import corpus, input_ids, logits, make_model, reload_in_fresh_process
 from optimum_evopress import EvoPressCompressor, EvoPressConfig
 from optimum_evopress.formats import read_levels_file, write_levels_file
 from optimum_evopress.methods.quantization import Quantization
@@ -28,15 +28,6 @@ def compress(tokenizer, model=None, **overrides):
     compressor = EvoPressCompressor(model if model is not None else make_model(num_layers=4), tokenizer)
     compressed = compressor.compress(quant_config(**overrides), progress=False)
     return compressor, compressed
-
-
-def input_ids():
-    return torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
-
-
-def logits(model):
-    with torch.no_grad():
-        return model(input_ids=input_ids()).logits
 
 
 @pytest.fixture(scope="module")
