@@ -129,6 +129,12 @@ class LayerwiseMethod(CompressionMethod):
     def unit_sizes(self) -> list[int]:
         return [sum(self.linears[m].weight.numel() for m in members) for _, members in self.units]
 
+    @staticmethod
+    def size_groups(sizes: Sequence[int]) -> tuple[list[int], list[int]]:
+        """Each unit's group index under the paper's size rule (one group per distinct size), and those sizes."""
+        distinct = sorted(set(sizes))
+        return [distinct.index(size) for size in sizes], distinct
+
     def _layer_keys_of(self, assignment: Sequence[int]) -> dict[str, Hashable]:
         keys = self.unit_keys()
         return {name: keys[u][level] for u, ((_, members), level) in enumerate(zip(self.units, assignment))

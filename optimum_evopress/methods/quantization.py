@@ -96,12 +96,11 @@ class Quantization(LayerwiseMethod):
                     f"EvoPressConfig.group_size: {group} does not divide the input size of {len(wrong)} layers "
                     f"(e.g. {wrong[0]} with {self.linears[wrong[0]].in_features}); input sizes here are {sizes}, "
                     f"group sizes that divide all of them: {divisors or 'none of 32/64/128/256'}, or None")
-        sizes = [sum(self.linears[m].weight.numel() for m in members) for _, members in self.units]
+        sizes = self.unit_sizes()
         costs = [[b * size for b in self.bits] for size in sizes]
         levels = [tuple(self.bits)] * len(self.units)
         # One group per unit size; each group's budget is its share of the target, rounded to whole bits per unit.
-        distinct = sorted(set(sizes))
-        groups = [distinct.index(size) for size in sizes]
+        groups, distinct = self.size_groups(sizes)
         group_budgets = [round(self.config.target * groups.count(g)) * size for g, size in enumerate(distinct)]
         budget = sum(group_budgets)
         names = [name for name, _ in self.units]

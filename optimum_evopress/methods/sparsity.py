@@ -116,8 +116,7 @@ class Sparsity(LayerwiseMethod):
         names = [name for name, _ in self.units]
         budget = sum(self._zeros(members, 0) for _, members in self.units)
         if self.config.mutation_rule == "size":
-            distinct = sorted(set(sizes))
-            groups = [distinct.index(size) for size in sizes]
+            groups, distinct = self.size_groups(sizes)
             group_budgets = [sum(self._zeros(members, 0) for (_, members), g in zip(self.units, groups) if g == i)
                              for i in range(len(distinct))]
             return LevelSpace(names, levels, costs, budget, groups=groups, group_budgets=group_budgets)
@@ -209,7 +208,7 @@ class Sparsity(LayerwiseMethod):
             for i in range(len(self.layers)):
                 names = [n for n in self.linears if self.block_of[n] == i]
                 metrics.append(torch.cat([
-                    (self._dense_weight(n).float().abs() * self.database.tensor(n, "input_norm").float()).reshape(-1)
+                    (self._dense[n].float().abs() * self.database.tensor(n, "input_norm").float()).reshape(-1)
                     for n in names]) if names else torch.zeros(1))
             candidates = []
             for lam in OWL_LAMBDAS:
@@ -220,9 +219,6 @@ class Sparsity(LayerwiseMethod):
                     candidates.append(closest_assignment(space, desired))
             return list(dict.fromkeys(candidates))
         return super().run_baseline(name, space, calibration)
-
-    def _dense_weight(self, name: str) -> torch.Tensor:
-        return self._dense.get(name, self.linears[name].weight)
 
 
 register_method("sparsity", Sparsity)
