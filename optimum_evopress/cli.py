@@ -1,9 +1,9 @@
-"""The `evopress` console script.
+"""The `evopress` console script, also registered as `optimum-cli evopress`.
 
-Examples:
-    evopress compress --preset cpu --dtype float32 --method depth --target 0.25 --output smollm2-depth
-    evopress compress --model ./my-llama --method depth --granularity sublayer --target 0.3 --output out
-    evopress evaluate --model smollm2-depth --dataset shakespeare
+Commands: `compress` (search and write a checkpoint), `evaluate` (perplexity, optionally lm-evaluation-harness
+tasks), `export` (apply saved levels to the base model without a search, in any format), `push` (upload a saved
+checkpoint to the Hub). Exit codes: 0 success, 1 the Hub refused or could not be reached, 2 bad input (nothing
+written).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 from collections import Counter
 from typing import Any, Sequence
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "add_commands", "run_command"]
 
 _EXAMPLES = """examples:
   evopress compress --preset cpu --dtype float32 --target 0.25 --output smollm2-depth
@@ -26,14 +26,23 @@ _EXAMPLES = """examples:
   evopress compress --preset cpu --method sparsity --target 0.6 --output smollm2-sparse-60
   evopress compress --model ./llama --config evopress_config.json --output out
   evopress evaluate --model smollm2-depth --dataset shakespeare
+  evopress evaluate --model smollm2-depth --tasks arc_easy hellaswag --limit 200   (needs the [eval] extra)
+  evopress export --levels smollm2-3bit --format gptq --output smollm2-3bit-gptq
+  evopress push smollm2-3bit my-user/smollm2-135m-evopress-3bit --private
 """
+_DESCRIPTION = "EvoPress: non-uniform LLM compression by evolutionary search."
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="evopress", description="EvoPress: non-uniform LLM compression by "
-                                     "evolutionary search.", epilog=_EXAMPLES,
+def build_parser(prog: str = "evopress") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=_DESCRIPTION, epilog=_EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
+    add_commands(parser)
+    return parser
+
+
+def add_commands(parser: argparse.ArgumentParser) -> None:
+    """Adds the `compress`, `evaluate`, `export` and `push` commands to `parser` (also used by optimum-cli)."""
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{compress,evaluate,export,push}")
 
     compress = commands.add_parser("compress", help="search a level per unit and write the compressed checkpoint",
                                    epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for f in dataclasses.fields(EvoPressConfig):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         if f.name in ("survivors_per_selection", "tokens_per_selection", "bits"):
             compress.add_argument(flag, type=int, nargs="+", default=None, help=help_text)
         elif f.type == "bool":
@@ -64,13 +73,54 @@ def build_parser() -> argparse.ArgumentParser:
             compress.add_argument(flag, default=None, help=help_text)
     compress.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    evaluate = commands.add_parser("evaluate", help="perplexity of a model on held-out text")
+    evaluate = commands.add_parser("evaluate", help="perplexity of a model on held-out text (and lm-eval tasks)",
+                                   epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     evaluate.add_argument("--model", required=True, help="model directory, Hub id or `smollm2-135m`")
-    evaluate.add_argument("--dataset", default="wikipedia", help="built-in corpus, path, or Hub dataset name")
+    evaluate.add_argument("--dataset", default="wikipedia",
+                          help="built-in corpus (`wikipedia`, `shakespeare`: their held-out parts), a text file or "
+                               "directory, or a Hub dataset name")
     evaluate.add_argument("--sequence-length", type=int, default=256)
     evaluate.add_argument("--tokens", type=int, default=None, help="evaluate on the first N tokens only")
     evaluate.add_argument("--batch-size", type=int, default=8)
-    return parser
+    evaluate.add_argument("--tasks", nargs="+", default=None,
+                          help="lm-evaluation-harness tasks to run as well (extra [eval]; tasks whose data cannot be "
+                               "loaded, e.g. offline, are reported as skipped)")
+    evaluate.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples for --tasks")
+    evaluate.add_argument("--limit", type=int, default=None, help="examples per task for --tasks")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    export = commands.add_parser(
+        "export", help="apply saved levels to the base model (no search) and write a checkpoint",
+        description="Rebuilds a compressed model from saved levels without searching again: the levels and the "
+                    "config come from an EvoPress checkpoint (directory or Hub repo), or from a levels file plus "
+                    "--config. Use it to write another format (e.g. --format gptq) or to compress a local copy.",
+        epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    export.add_argument("--levels", required=True,
+                        help="an EvoPress checkpoint (directory or Hub repo id) or a levels file (`name: level` lines "
+                             "or JSON)")
+    export.add_argument("--model", default=None,
+                        help="the base model (directory, Hub id, `smollm2-135m`); default: the checkpoint's base model")
+    export.add_argument("--config", default=None,
+                        help="evopress_config.json with the settings the levels were found with (needed for a levels "
+                             "file)")
+    export.add_argument("--output", required=True, help="directory for the checkpoint")
+    export.add_argument("--format", choices=["compressed-tensors", "gptq"], default=None,
+                        help="quantization checkpoint format (see `compress --help`)")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    export.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    push = commands.add_parser(
+        "push", help="upload a saved checkpoint with its model card to the Hugging Face Hub",
+        description="Uploads an EvoPress checkpoint directory in one commit, with a model card written for the repo "
+                    "and the level heat map. Needs a token with write access (--token, HF_TOKEN or `hf auth login`).",
+        epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    push.add_argument("checkpoint", help="a directory written by `evopress compress` or `save_pretrained`")
+    push.add_argument("repo_id", help="`name` or `namespace/name`; created when missing")
+    push.add_argument("--private", action="store_true", default=None, help="create the repo as private")
+    push.add_argument("--commit-message", default=None)
+    push.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the saved login)")
+    push.add_argument("--revision", default=None, help="branch to commit to")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
 
 
 _UNSET = "none"
@@ -149,24 +199,77 @@ def _compress(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate_perplexity  # noqa: PLC0415
+    from .evaluation import check_lm_eval, evaluate_perplexity, run_lm_eval  # noqa: PLC0415
 
+    if args.tasks:
+        check_lm_eval()  # before loading anything
     model, tokenizer = _load(args.model)
     value = evaluate_perplexity(model, tokenizer, args.dataset, sequence_length=args.sequence_length,
-                                num_tokens=args.tokens, batch_size=args.batch_size)
-    print(json.dumps({"model": args.model, "dataset": args.dataset, "perplexity": value}))
+                                num_tokens=args.tokens, batch_size=args.batch_size, progress=not args.quiet)
+    report: dict[str, Any] = {"model": args.model, "dataset": args.dataset, "perplexity": value}
+    if args.tasks:
+        report["lm_eval"] = run_lm_eval(model, tokenizer, args.tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                                        batch_size=args.batch_size)
+    print(json.dumps(report))
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _export(args: argparse.Namespace) -> int:
+    import os  # noqa: PLC0415
+
+    from .compressor import EvoPressCompressor  # noqa: PLC0415
+    from .configuration import EvoPressConfig  # noqa: PLC0415
+    from .export import check_output_dir  # noqa: PLC0415
+    from .hub import read_record  # noqa: PLC0415
+
+    check_output_dir(args.output, args.overwrite)
+    config = EvoPressConfig.from_pretrained(args.config) if args.config else None
+    base = args.model
+    if os.path.isfile(args.levels):
+        if config is None:
+            raise ValueError("export: a levels file needs --config (the evopress_config.json the levels were found "
+                             "with)")
+    else:
+        record = read_record(args.levels)
+        config = config or EvoPressConfig.from_dict(record["config"])
+        base = base or record.get("base_model")
+    if not base:
+        raise ValueError("export: --model is needed: the checkpoint does not name its base model")
+    model, tokenizer = _load(base, config.dtype)
+    compressor = EvoPressCompressor(model, tokenizer)
+    compressor.apply(args.levels, config=config, progress=not args.quiet)
+    compressor.save_pretrained(args.output, overwrite=args.overwrite, format=args.format)
+    print(f"applied {len(compressor.result.levels)} unit levels to {base}; saved to {args.output}")
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from .hub import push_checkpoint  # noqa: PLC0415
+
+    url = push_checkpoint(args.checkpoint, args.repo_id, private=args.private, commit_message=args.commit_message,
+                          token=args.token, revision=args.revision, create_pr=args.create_pr)
+    print(f"pushed {args.checkpoint} to {args.repo_id}: {url}")
+    return 0
+
+
+def run_command(args: argparse.Namespace, prog: str = "evopress") -> int:
+    """Runs a parsed command; returns the exit code (errors are printed, not raised)."""
+    from .hub import HubPushError  # noqa: PLC0415
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    commands = {"compress": _compress, "evaluate": _evaluate, "export": _export, "push": _push}
     try:
-        return _compress(args) if args.command == "compress" else _evaluate(args)
+        return commands[args.command](args)
+    except HubPushError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 1
     except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
-        print(f"evopress: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

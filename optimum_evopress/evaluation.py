@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .data import load_texts, tokenize_to_sequences
 
-__all__ = ["perplexity", "evaluate_perplexity"]
+__all__ = ["perplexity", "evaluate_perplexity", "check_lm_eval", "run_lm_eval"]
 
 
 @torch.no_grad()
@@ -47,3 +47,36 @@ def evaluate_perplexity(model: torch.nn.Module, tokenizer: Any, dataset: Any = "
     if num_tokens is not None:
         sequences = sequences[: -(-num_tokens // sequence_length)]
     return perplexity(model, sequences, batch_size=batch_size, progress=progress)
+
+
+def check_lm_eval() -> None:
+    """Raises an `ImportError` naming the extra when lm-evaluation-harness is not installed."""
+    import importlib.util  # noqa: PLC0415
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ImportError("evaluating tasks needs lm-evaluation-harness: pip install 'optimum-evopress[eval]'")
+
+
+def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: list[str], num_fewshot: int | None = None,
+                limit: int | None = None, batch_size: int = 8) -> dict[str, Any]:
+    """Runs lm-evaluation-harness `tasks` on an in-memory model.
+
+    Returns `{"results": {task: metrics}, "skipped": {task: reason}}`: a task whose data cannot be loaded (offline,
+    gated, unknown name) is skipped with its reason instead of failing the others.
+    """
+    check_lm_eval()
+    import lm_eval  # noqa: PLC0415
+    from lm_eval.models.huggingface import HFLM  # noqa: PLC0415
+
+    wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    results: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    for task in tasks:
+        try:
+            output = lm_eval.simple_evaluate(model=wrapped, tasks=[task], num_fewshot=num_fewshot, limit=limit,
+                                             log_samples=False)
+        except Exception as err:  # noqa: BLE001  (data loading fails in many ways: network, auth, unknown task)
+            skipped[task] = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+            continue
+        results.update(output["results"] if output else {})
+    return {"results": results, "skipped": skipped}

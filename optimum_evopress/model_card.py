@@ -130,6 +130,18 @@ def _table(values: dict[str, float], fmt: str) -> str:
     return "\n".join(lines)
 
 
+def _is_hub_id(name: str | None) -> bool:
+    from huggingface_hub.utils import validate_repo_id  # noqa: PLC0415
+
+    if not name or os.path.exists(name) or name.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except ValueError:
+        return False
+    return True
+
+
 def _config_arguments(config: dict[str, Any]) -> tuple[str, str | None]:
     """`EvoPressConfig(...)` arguments that differ from the defaults, and a note when the calibration data
     was given in memory (a list of texts or token ids), which the card does not repeat."""
@@ -168,8 +180,9 @@ def model_card_text(record: dict[str, Any], repo_id: str | None = None, heatmap:
     fmt_name = record.get("format", "default")
     storage = ("gptq" if fmt_name == "gptq" else "compressed-tensors") if method == "quantization" else "safetensors"
     tags = ["evopress", method, *_METHOD_TAGS.get(method, []), storage, "text-generation"]
-    data = ModelCardData(library_name="transformers", pipeline_tag="text-generation", base_model=base or None,
-                         tags=list(dict.fromkeys(tags)))
+    # `base_model` metadata must be a Hub id; a model loaded from a local directory is named only in the text.
+    data = ModelCardData(library_name="transformers", pipeline_tag="text-generation",
+                         base_model=base if _is_hub_id(base) else None, tags=list(dict.fromkeys(tags)))
     name = repo_id or (f"{base.rpartition('/')[2]}-evopress-{method}" if base else f"EvoPress {method} model")
     values, meaning, fmt = layer_levels(record)
     history = record.get("history") or []

@@ -1,8 +1,10 @@
 import json
+import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import corpus, make_model
 
@@ -113,3 +115,92 @@ def test_prune_from_the_shell(tiny_checkpoint, tmp_path):
                     "0.5", "--format", "gptq", "--output", tmp_path / "bad", *SMALL)
     assert gptq.returncode == 2 and "applies to method='quantization'" in gptq.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_export_applies_a_checkpoints_levels_to_the_base_model_without_a_search(tiny_checkpoint, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from conftest import logits
+
+    model, text = tiny_checkpoint
+    quantize = ["--model", model, "--calibration-dataset", text, "--method", "quantization", "--target", "3",
+                "--bits", "2", "3", "4", "--group-size", "16", *SMALL]
+    assert evopress("compress", *quantize, "--output", tmp_path / "out").returncode == 0
+    # the base model is the one the checkpoint names; the config and levels come from its record
+    done = evopress("export", "--levels", tmp_path / "out", "--output", tmp_path / "again", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert "applied 42 unit levels" in done.stdout
+    first, again = (AutoModelForCausalLM.from_pretrained(tmp_path / name) for name in ("out", "again"))
+    assert torch.equal(logits(first), logits(again))
+    record = json.loads((tmp_path / "again" / "evopress_config.json").read_text())
+    assert record["search"] == "fixed" and record["history"] == []
+    # a levels file needs the config it was found with
+    levels = tmp_path / "levels.txt"
+    levels.write_text("".join(f"{n}: {b}\n" for n, b in record["levels"].items()))
+    bad = evopress("export", "--levels", levels, "--model", model, "--output", tmp_path / "bad")
+    assert bad.returncode == 2 and "needs --config" in bad.stderr and not (tmp_path / "bad").exists()
+    wrong = evopress("export", "--levels", tmp_path / "out", "--format", "gptq", "--output", tmp_path / "bad")
+    assert wrong.returncode == 2 and not (tmp_path / "bad").exists()
+
+
+def test_every_command_has_help_with_examples_in_both_clis():
+    for command in ("compress", "evaluate", "export", "push"):
+        done = evopress(command, "--help")
+        assert done.returncode == 0 and "examples:" in done.stdout, done.stderr
+    optimum = subprocess.run([sys.executable, "-c", "from optimum.commands.optimum_cli import main; main()",
+                              "evopress", "--help"], capture_output=True, text=True)
+    assert optimum.returncode == 0, optimum.stderr
+    assert "{compress,evaluate,export,push}" in optimum.stdout
+    assert "optimum-cli evopress compress --preset cpu" in optimum.stdout
+
+
+def test_optimum_cli_runs_the_same_commands_with_the_same_exit_codes(tiny_checkpoint, tmp_path):
+    model, text = tiny_checkpoint
+    run = [sys.executable, "-c", "from optimum.commands.optimum_cli import main; main()", "evopress"]
+    done = subprocess.run([*run, "compress", "--model", str(model), "--calibration-dataset", str(text), "--target",
+                           "0.34", "--output", str(tmp_path / "out"), *map(str, SMALL)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "evopress_config.json").is_file()
+    bad = subprocess.run([*run, "compress", "--model", str(model), "--target", "1.5", "--output",
+                          str(tmp_path / "bad")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "optimum-cli evopress: error: EvoPressConfig.target" in bad.stderr
+
+
+def test_push_from_the_shell(tiny_checkpoint, tmp_path):
+    from hub_server import HubServer
+
+    model, text = tiny_checkpoint
+    assert evopress("compress", "--model", model, "--calibration-dataset", text, "--target", "0.34", "--output",
+                    tmp_path / "out", *SMALL).returncode == 0
+    hub = HubServer("hf_cli_token").start()
+    try:
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "home"), "HF_HUB_DISABLE_XET": "1"}
+        env.pop("HF_TOKEN", None)
+
+        def push(*args, token=None):
+            return subprocess.run([sys.executable, "-m", "optimum_evopress.cli", "push", *map(str, args)],
+                                  capture_output=True, text=True, env={**env, **({"HF_TOKEN": token} if token else {})})
+
+        missing = push(tmp_path / "out", "tester/depth")
+        assert missing.returncode == 2 and "no Hub token" in missing.stderr
+        refused = push(tmp_path / "out", "tester/depth", token="hf_wrong")
+        assert refused.returncode == 1 and "the token was refused (HTTP 401)" in refused.stderr
+        not_ours = push(model, "tester/depth", token="hf_cli_token")
+        assert not_ours.returncode == 2 and "not an EvoPress checkpoint" in not_ours.stderr
+        assert hub.commits == []
+        done = push(tmp_path / "out", "tester/depth", "--private", "--commit-message", "depth 34%",
+                    token="hf_cli_token")
+        assert done.returncode == 0, done.stderr
+        assert hub.commits[0]["summary"] == "depth 34%" and hub.repos["tester/depth"]["private"]
+        assert {"README.md", "evopress_config.json", "model.safetensors"} <= set(hub.repos["tester/depth"]["files"])
+    finally:
+        hub.stop()
+
+
+def test_evaluate_tasks_without_lm_eval_names_the_extra_before_loading(monkeypatch, capsys):
+    from optimum_evopress import cli
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    monkeypatch.setattr(cli, "_load", lambda *a, **k: pytest.fail("loaded the model first"))
+    assert cli.main(["evaluate", "--model", "smollm2-135m", "--tasks", "arc_easy"]) == 2
+    assert "pip install 'optimum-evopress[eval]'" in capsys.readouterr().err

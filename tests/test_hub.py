@@ -192,3 +192,32 @@ def test_the_model_card_shows_the_budget_perplexity_and_a_config_that_rebuilds(s
     rebuilt = eval(f"dict({code})")  # the card's arguments are Python literals
     assert EvoPressConfig(**{**rebuilt, "calibration_dataset": corpus()}) == compressor.config
     assert "the calibration data was 40 texts given in memory" in text
+
+
+def test_apply_rebuilds_the_saved_model_from_its_checkpoint_without_searching(saved, tokenizer, monkeypatch):
+    compressor, compressed, directory = saved
+    import optimum_evopress.compressor as compressor_module
+
+    monkeypatch.setattr(compressor_module, "evolutionary_search", lambda *a, **k: pytest.fail("searched"))
+    again = EvoPressCompressor(make_model(num_layers=3), tokenizer)
+    rebuilt = again.apply(directory, progress=False)
+    assert again.result.levels == compressor.result.levels and again.result.search == "fixed"
+    assert torch.equal(logits(rebuilt), logits(compressed))
+    # levels as a dict need the config they were found with
+    with pytest.raises(ValueError, match="pass config=EvoPressConfig"):
+        EvoPressCompressor(make_model(num_layers=3), tokenizer).apply(compressor.result.levels)
+    other = EvoPressCompressor(make_model(num_layers=3), tokenizer)
+    other.apply(compressor.result.levels, config=compressor.config, progress=False)
+    assert torch.equal(logits(other.model), logits(compressed))
+
+
+def test_the_card_names_a_hub_base_model_in_its_metadata_but_not_a_local_path(saved, tmp_path):
+    from optimum_evopress.model_card import model_card_text
+
+    compressor, _, _ = saved
+    record = compressor.record()
+    hub_card = huggingface_hub.ModelCard(model_card_text({**record, "base_model": "HuggingFaceTB/SmolLM2-135M"}))
+    assert hub_card.data.base_model == "HuggingFaceTB/SmolLM2-135M"
+    assert "AutoModelForCausalLM.from_pretrained('HuggingFaceTB/SmolLM2-135M')" in hub_card.text
+    local_card = huggingface_hub.ModelCard(model_card_text({**record, "base_model": str(tmp_path)}))
+    assert local_card.data.base_model is None and f"`{tmp_path}` compressed with" in local_card.text
