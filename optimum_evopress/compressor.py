@@ -108,6 +108,9 @@ class EvoPressCompressor:
                  progress: bool = True, format: str | None = None) -> torch.nn.Module:
         """Searches a level per unit under `config`'s budget, applies it to the model, and returns the model.
 
+        The returned model's `push_to_hub(repo_id)` uploads the whole EvoPress checkpoint: weights, tokenizer,
+        `evopress_config.json`, model card and level heat map (see `EvoPressCompressor.push_to_hub`).
+
         Args:
             config: the run's settings.
             save_dir: when given, the checkpoint is also written there (checked before any work starts).

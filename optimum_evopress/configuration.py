@@ -60,24 +60,27 @@ class EvoPressConfig:
 
     method: str = field(
         default="depth",
-        metadata={"help": "Compression method: `depth` (remove blocks or sub-blocks) or `quantization` (GPTQ)."},
+        metadata={"help": "Compression method: `depth` (remove blocks or sub-blocks), `quantization` (GPTQ "
+                  "bit-width per layer) or `sparsity` (SparseGPT sparsity per layer)."},
     )
     target: float = field(
         default=0.25,
         metadata={"help": "Global budget. For `depth`: the fraction of units removed, in (0, 1). For "
-                  "`quantization`: the average bit-width of the quantized weights, within the `bits` levels."},
+                  "`quantization`: the average bit-width of the quantized weights, within the `bits` levels. For "
+                  "`sparsity`: the fraction of zero weights, in (0, 1), exact in weights."},
     )
     granularity: str | None = field(
         default=None,
         metadata={"help": "Search unit. For `depth`: `block` (default) or `sublayer` (attention and MLP separately). "
-                  "For `quantization`: `linear` (default), `fused` (q/k/v and gate/up share a level) or `block`."},
+                  "For `quantization`: `linear` (default), `fused` (q/k/v and gate/up share a level) or `block`. "
+                  "For `sparsity`: `linear` (default) or `block`."},
     )
     search: str = field(
         default="evolution",
         metadata={
             "help": "`evolution` (EvoPress) or a baseline: `random` (best of `initial_candidates`), `brute_force`, "
             "`one_at_a_time`, `fixed` (use `levels`); for `depth` also `shortgpt` and `sliding_window`; for "
-            "`quantization` also `uniform` and `dynamic_programming`."
+            "`quantization` and `sparsity` also `uniform` and `dynamic_programming`; for `sparsity` also `owl`."
         },
     )
     levels: Any = field(
