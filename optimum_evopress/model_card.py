@@ -64,6 +64,10 @@ def _short(part: str) -> str:
     return part.rpartition(".")[2] if "." in part and "+" not in part else part.replace("self_attn.", "attn.")
 
 
+def _luminance(rgba) -> float:
+    return 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2]
+
+
 def save_heatmap(record: dict[str, Any], path: str | os.PathLike) -> bool:
     """Draws levels per block (x) and projection or sub-block (y) to a PNG; False when matplotlib is missing."""
     try:
@@ -91,14 +95,18 @@ def save_heatmap(record: dict[str, Any], path: str | os.PathLike) -> bool:
         edges = [widths[0] - 0.5] + [(a + b) / 2 for a, b in zip(widths, widths[1:])] + [widths[-1] + 0.5]
         image = axes.imshow(grid, aspect="auto", cmap=colours, norm=BoundaryNorm(edges, len(widths)),
                             interpolation="nearest")
+    elif method == "sparsity":  # the range of the layers, for contrast
+        low, high = min(values.values()), max(values.values())
+        image = axes.imshow(grid, aspect="auto", cmap="magma_r", vmin=low, vmax=max(high, low + 1e-3),
+                            interpolation="nearest")
     else:
-        image = axes.imshow(grid, aspect="auto", cmap="magma_r" if method == "sparsity" else "Greys_r",
-                            vmin=0.0, vmax=1.0, interpolation="nearest")
+        image = axes.imshow(grid, aspect="auto", cmap="Greys_r", vmin=0.0, vmax=1.0, interpolation="nearest")
     if method != "depth" and grid.size <= 400:  # the values themselves, when the cells are large enough
         for (row, column), value in np.ndenumerate(grid):
             if not np.isnan(value):
                 axes.text(column, row, f"{value:g}" if method == "quantization" else f"{100 * value:.0f}",
-                          ha="center", va="center", fontsize=6, color="white" if image.norm(value) < 0.5 else "black")
+                          ha="center", va="center", fontsize=6,
+                          color="white" if _luminance(image.cmap(image.norm(value))) < 0.5 else "black")
     axes.set_xticks(range(len(blocks)), [str(b) for b in blocks], fontsize=7)
     axes.set_yticks(range(len(parts)), [_short(p) for p in parts], fontsize=8)
     axes.set_xlabel("block")
