@@ -33,10 +33,19 @@ def read_record(path: str | os.PathLike) -> dict[str, Any]:
     path = os.fspath(path)
     if os.path.isdir(path):
         file = os.path.join(path, CONFIG_NAME)
+        if not os.path.isfile(file):
+            raise ValueError(f"{path!r} is not an EvoPress checkpoint: no {CONFIG_NAME}")
+    elif path.count("/") > 1 or path.startswith((".", "~", os.sep)) or os.path.exists(path):
+        raise FileNotFoundError(f"no EvoPress checkpoint directory at {path!r}")
     else:
         from huggingface_hub import hf_hub_download  # noqa: PLC0415
+        from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError  # noqa: PLC0415
 
-        file = hf_hub_download(path, CONFIG_NAME)
+        try:
+            file = hf_hub_download(path, CONFIG_NAME)
+        except (EntryNotFoundError, RepositoryNotFoundError) as err:
+            raise FileNotFoundError(f"{path!r}: no local directory and no Hub repo with {CONFIG_NAME} "
+                                    f"({type(err).__name__})") from err
     with open(file, encoding="utf-8") as handle:
         record = json.load(handle)
     if not isinstance(record, dict) or "config" not in record or "levels" not in record:

@@ -221,3 +221,18 @@ def test_the_card_names_a_hub_base_model_in_its_metadata_but_not_a_local_path(sa
     assert "AutoModelForCausalLM.from_pretrained('HuggingFaceTB/SmolLM2-135M')" in hub_card.text
     local_card = huggingface_hub.ModelCard(model_card_text({**record, "base_model": str(tmp_path)}))
     assert local_card.data.base_model is None and f"`{tmp_path}` compressed with" in local_card.text
+
+
+def test_reading_a_record_from_something_that_is_not_a_checkpoint_is_a_clear_error(tmp_path, hub, monkeypatch):
+    from optimum_evopress.hub import read_record
+
+    with pytest.raises(FileNotFoundError, match="no EvoPress checkpoint directory"):
+        read_record(str(tmp_path / "missing"))
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ValueError, match="not an EvoPress checkpoint: no evopress_config.json"):
+        load_compressed(tmp_path / "plain")
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    with pytest.raises(FileNotFoundError, match="no local directory and no Hub repo"):
+        read_record("tester/absent")
