@@ -248,6 +248,9 @@ class EvoPressCompressor:
         """
         from .hub import read_record  # noqa: PLC0415
 
+        if self.result is not None:
+            raise ValueError("apply(): this compressor's model is already compressed; apply levels to the base model "
+                             "with a new EvoPressCompressor(base_model, tokenizer)")
         if isinstance(levels, (str, os.PathLike)) and not os.path.isfile(levels):
             record = read_record(levels)
             levels = record["levels"]

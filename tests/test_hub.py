@@ -209,6 +209,8 @@ def test_apply_rebuilds_the_saved_model_from_its_checkpoint_without_searching(sa
     other = EvoPressCompressor(make_model(num_layers=3), tokenizer)
     other.apply(compressor.result.levels, config=compressor.config, progress=False)
     assert torch.equal(logits(other.model), logits(compressed))
+    with pytest.raises(ValueError, match="already compressed"):  # the model in `other` is no longer the base model
+        other.apply(compressor.result.levels, config=compressor.config, progress=False)
 
 
 def test_the_card_names_a_hub_base_model_in_its_metadata_but_not_a_local_path(saved, tmp_path):
