@@ -105,8 +105,11 @@ def report(rows: list) -> dict:
               f"{row.get('kl_wikipedia', 0):.3f} | {row.get('kl_shakespeare', 0):.3f} | {spread} | "
               f"{row.get('search_seconds', 0):.0f} |")
     verdict = beats_every_baseline(rows)
-    builds = {f"{r['target']:g}": (r["build_seconds"], r["database_bytes"]) for r in rows
-              if r["search"] != "dense" and r["build_seconds"] > 30}
+    builds: dict[str, tuple[float, int]] = {}
+    for r in rows:  # the first search at a target builds its database; later ones only open it
+        if r["search"] != "dense":
+            key = f"{r['target']:g}"
+            builds[key] = max(builds.get(key, (0.0, 0)), (r["build_seconds"], r["database_bytes"]))
     for target, (seconds, size) in builds.items():
         print(f"database at {float(target):.0%}: built in {seconds:.0f} s, {size / 2**20:.0f} MiB")
     return verdict
