@@ -224,20 +224,21 @@ def _export(args: argparse.Namespace) -> int:
 
     check_output_dir(args.output, args.overwrite)
     config = EvoPressConfig.from_pretrained(args.config) if args.config else None
-    base = args.model
+    base, levels = args.model, args.levels
     if os.path.isfile(args.levels):
         if config is None:
             raise ValueError("export: a levels file needs --config (the evopress_config.json the levels were found "
                              "with)")
-    else:
+    else:  # a checkpoint: read its record once, for the levels, the config and the base model
         record = read_record(args.levels)
+        levels = record["levels"]
         config = config or EvoPressConfig.from_dict(record["config"])
         base = base or record.get("base_model")
     if not base:
         raise ValueError("export: --model is needed: the checkpoint does not name its base model")
     model, tokenizer = _load(base, config.dtype)
     compressor = EvoPressCompressor(model, tokenizer)
-    compressor.apply(args.levels, config=config, progress=not args.quiet)
+    compressor.apply(levels, config=config, progress=not args.quiet)
     compressor.save_pretrained(args.output, overwrite=args.overwrite, format=args.format)
     print(f"applied {len(compressor.result.levels)} unit levels to {base}; saved to {args.output}")
     return 0

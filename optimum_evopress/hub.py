@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from typing import Any
 
 from .configuration import CONFIG_NAME
@@ -96,14 +97,14 @@ def push_checkpoint(directory: str | os.PathLike, repo_id: str, *, private: bool
         for name in sorted(files):
             full = os.path.join(root, name)
             relative = os.path.relpath(full, directory).replace(os.sep, "/")
-            if relative not in ("README.md", HEATMAP_NAME):
+            if relative != "README.md":
                 operations.append(CommitOperationAdd(path_in_repo=relative, path_or_fileobj=full))
-    import tempfile  # noqa: PLC0415
-
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as scratch:
-        heatmap = save_heatmap(record, os.path.join(scratch, HEATMAP_NAME))
-        if heatmap:
+        # The heat map `save_pretrained` drew is uploaded as it is; one is drawn only for a directory without it.
+        heatmap = os.path.isfile(os.path.join(directory, HEATMAP_NAME))
+        if not heatmap and save_heatmap(record, os.path.join(scratch, HEATMAP_NAME)):
+            heatmap = True
             operations.append(CommitOperationAdd(path_in_repo=HEATMAP_NAME,
                                                  path_or_fileobj=os.path.join(scratch, HEATMAP_NAME)))
         operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=model_card_text(
