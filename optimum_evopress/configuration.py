@@ -175,9 +175,13 @@ class EvoPressConfig:
     device: str | None = field(default=None, metadata={"help": "`cuda`, `cpu`, ...; default: CUDA when present."})
     dtype: str = field(default="auto", metadata={"help": "Compute dtype: `auto` (keep the model's), `float32`, ..."})
     checkpoint_path: str | None = field(
-        default=None, metadata={"help": "JSON file the search state is written to after each generation."}
+        default=None, metadata={"help": "JSON file the search state is written to (atomically) after each generation."}
     )
-    resume_from: str | None = field(default=None, metadata={"help": "Search state file to resume from."})
+    resume_from: str | None = field(
+        default=None,
+        metadata={"help": "Search state file to resume from. When it equals `checkpoint_path` and does not exist "
+                  "yet, the search starts afresh, so one command both starts and resumes a run."},
+    )
 
     def __post_init__(self) -> None:
         from .methods import get_method_class

@@ -5,6 +5,10 @@ written last. The manifest records what the variants were built from (model weig
 tokens, method settings, as hashes and values) and a SHA-256 of every layer file. Opening a
 database checks both: a database built with other settings, for another model or other data, or
 with a damaged file is refused with an error that names the difference; it is never silently used.
+
+While a database is being built, `progress.json` (rewritten atomically after every layer) holds the
+same record for the layers finished so far. A build that was interrupted, even by SIGKILL, is
+continued by `VariantDatabase.start` from the first missing layer, under the same checks.
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-__all__ = ["VariantDatabase", "MANIFEST_NAME", "tensor_fingerprint"]
+__all__ = ["VariantDatabase", "MANIFEST_NAME", "PROGRESS_NAME", "tensor_fingerprint"]
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
+PROGRESS_NAME = "progress.json"
 FORMAT_VERSION = 1
 
 
@@ -50,6 +55,30 @@ def _layer_file(name: str) -> str:
     return f"{name}.safetensors"
 
 
+def _check_settings(directory: str, stored: dict[str, Any], settings: dict[str, Any], what: str) -> None:
+    wanted = json.loads(json.dumps(settings))
+    differences = sorted(key for key in set(stored) | set(wanted) if stored.get(key) != wanted.get(key))
+    if differences:
+        detail = "; ".join(f"{key}: database has {stored.get(key)!r}, asked for {wanted.get(key)!r}"
+                           for key in differences)
+        raise ValueError(f"{what} {directory!r} was built with other settings ({detail}); use another "
+                         "database_dir or delete this one to rebuild")
+
+
+def _read_record(directory: str, name: str, what: str) -> dict[str, Any]:
+    path = os.path.join(directory, name)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            record = json.load(handle)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{what} {directory!r}: cannot read {name} ({err}); delete the directory to rebuild") from err
+    if not isinstance(record, dict) or record.get("format_version") != FORMAT_VERSION:
+        version = record.get("format_version") if isinstance(record, dict) else None
+        raise ValueError(f"{what} {directory!r}: format version {version}, this release reads {FORMAT_VERSION}; "
+                         "rebuild it in an empty directory")
+    return record
+
+
 def _write_atomically(path: str, suffix: str, write: Callable[[str], None]) -> None:
     """Calls `write(temporary path)` next to `path`, then renames it over `path`; no partial file is left."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=suffix)
@@ -71,15 +100,18 @@ class VariantDatabase:
             stored in the manifest and compared when the database is opened again.
         directory: where to keep the database on disk; `None` keeps it in memory only.
         in_memory: hold every layer's tensors in memory (else they are read through memory maps on use).
+        writable: write layer files and records to `directory` (False in the non-main processes of a
+            distributed build: they keep what they are given in memory, and the main process writes).
     """
 
     def __init__(self, settings: dict[str, Any], directory: str | os.PathLike | None = None,
-                 in_memory: bool = True) -> None:
+                 in_memory: bool = True, writable: bool = True) -> None:
         if directory is None and not in_memory:
             raise ValueError("a database kept off memory needs a directory")
         self.settings = settings
         self.directory = os.fspath(directory) if directory is not None else None
         self.in_memory = in_memory
+        self.writable = writable
         self.errors: dict[str, dict[str, float]] = {}
         self._files: dict[str, dict[str, Any]] = {}
         self._tensors: dict[str, dict[str, torch.Tensor]] = {}
@@ -89,29 +121,72 @@ class VariantDatabase:
         """Stores one layer's variant tensors and per-variant errors (written to disk at once if on disk)."""
         self.errors[name] = {str(level): float(error) for level, error in errors.items()}
         tensors = {key: value.detach().contiguous().cpu() for key, value in tensors.items()}
-        if self.directory is not None:
+        if self.directory is not None and self.writable:
             os.makedirs(self.directory, exist_ok=True)
             path = os.path.join(self.directory, _layer_file(name))
             _write_atomically(path, ".safetensors", lambda tmp: save_file(tensors, tmp))
             self._files[name] = {"file": _layer_file(name), "sha256": _file_sha256(path),
                                  "bytes": os.path.getsize(path)}
+            self._write_record(PROGRESS_NAME)
         else:
             self._files[name] = {"bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
-        if self.in_memory:
+        if self.in_memory or not self.writable:
             self._tensors[name] = tensors
+
+    def has_layer(self, name: str) -> bool:
+        """Whether the variants of layer `name` are stored (a continued build skips such layers)."""
+        return name in self._files
 
     def finish(self) -> None:
         """Writes the manifest (last, so a partial build never looks complete); nothing to do in memory."""
-        if self.directory is None:
+        if self.directory is None or not self.writable:
             return
-        manifest = {"format_version": FORMAT_VERSION, "settings": self.settings, "layers": self._files,
-                    "errors": self.errors}
+        self._write_record(MANIFEST_NAME)
+        progress = os.path.join(self.directory, PROGRESS_NAME)
+        if os.path.exists(progress):
+            os.remove(progress)
+
+    def _write_record(self, name: str) -> None:
+        record = {"format_version": FORMAT_VERSION, "settings": self.settings, "layers": self._files,
+                  "errors": self.errors}
 
         def write(tmp: str) -> None:
             with open(tmp, "w", encoding="utf-8") as handle:
-                json.dump(manifest, handle, indent=1, sort_keys=True)
+                json.dump(record, handle, indent=1, sort_keys=True)
 
-        _write_atomically(os.path.join(self.directory, MANIFEST_NAME), ".json", write)
+        _write_atomically(os.path.join(self.directory, name), ".json", write)
+
+    @classmethod
+    def start(cls, settings: dict[str, Any], directory: str | os.PathLike | None = None,
+              in_memory: bool = True, writable: bool = True) -> "VariantDatabase":
+        """A database to build: empty, or holding the layers an interrupted build in `directory` finished.
+
+        Raises:
+            ValueError: the interrupted build used other settings, or one of its layer files is damaged.
+        """
+        database = cls(settings, directory, in_memory, writable)
+        if directory is None or not os.path.isfile(os.path.join(database.directory, PROGRESS_NAME)):
+            return database
+        record = _read_record(database.directory, PROGRESS_NAME, "partial database")
+        _check_settings(database.directory, record.get("settings", {}), settings, "partial database")
+        for name, entry in record["layers"].items():
+            database._load_layer(name, entry, record["errors"][name])
+        logger.info("continuing the database build in %s: %d layers already done", database.directory,
+                    len(record["layers"]))
+        return database
+
+    def _load_layer(self, name: str, entry: dict[str, Any], errors: dict[str, float]) -> None:
+        path = os.path.join(self.directory, entry["file"])
+        if not os.path.isfile(path):
+            raise ValueError(f"database {self.directory!r}: file {entry['file']} is missing")
+        if _file_sha256(path) != entry["sha256"]:
+            raise ValueError(f"database {self.directory!r}: file {entry['file']} is damaged (checksum mismatch); "
+                             "delete the directory to rebuild")
+        self._files[name] = entry
+        self.errors[name] = errors
+        if self.in_memory:
+            with safe_open(path, framework="pt") as handle:
+                self._tensors[name] = {key: handle.get_tensor(key) for key in handle.keys()}
 
     # ------------------------------------------------------------------ opening
     @staticmethod
@@ -127,37 +202,15 @@ class VariantDatabase:
             ValueError: the settings, the layers or a file's checksum differ, naming what differs.
         """
         directory = os.fspath(directory)
-        with open(os.path.join(directory, MANIFEST_NAME), encoding="utf-8") as handle:
-            manifest = json.load(handle)
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"database {directory!r}: format version {manifest.get('format_version')}, "
-                             f"this release reads {FORMAT_VERSION}; rebuild it in an empty directory")
-        stored = manifest.get("settings", {})
-        wanted = json.loads(json.dumps(settings))
-        differences = sorted(key for key in set(stored) | set(wanted) if stored.get(key) != wanted.get(key))
-        if differences:
-            detail = "; ".join(f"{key}: database has {stored.get(key)!r}, asked for {wanted.get(key)!r}"
-                               for key in differences)
-            raise ValueError(f"database {directory!r} was built with other settings ({detail}); use another "
-                             "database_dir or delete this one to rebuild")
+        manifest = _read_record(directory, MANIFEST_NAME, "database")
+        _check_settings(directory, manifest.get("settings", {}), settings, "database")
         layers = list(layers)
         missing = [name for name in layers if name not in manifest["layers"]]
         if missing:
             raise ValueError(f"database {directory!r} has no variants for layers {missing[:5]}")
         database = cls(settings, directory, in_memory)
         for name in layers:
-            entry = manifest["layers"][name]
-            path = os.path.join(directory, entry["file"])
-            if not os.path.isfile(path):
-                raise ValueError(f"database {directory!r}: file {entry['file']} is missing")
-            if _file_sha256(path) != entry["sha256"]:
-                raise ValueError(f"database {directory!r}: file {entry['file']} is damaged (checksum mismatch); "
-                                 "delete the directory to rebuild")
-            database._files[name] = entry
-            database.errors[name] = manifest["errors"][name]
-            if in_memory:
-                with safe_open(path, framework="pt") as handle:
-                    database._tensors[name] = {key: handle.get_tensor(key) for key in handle.keys()}
+            database._load_layer(name, manifest["layers"][name], manifest["errors"][name])
         return database
 
     # ------------------------------------------------------------------ reading

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..database import VariantDatabase, tensor_fingerprint
+from ..distributed import balanced_shares
 from ..gptq import HessianAccumulator
 from ..models import find_decoder
 from ..search.space import Assignment, LevelSpace
@@ -169,9 +170,14 @@ class LayerwiseMethod(CompressionMethod):
             logger.info("reusing the %s database in %s (%.1f MiB)", self.name, directory,
                         self.database.size_bytes / 2**20)
         else:
-            self.database = VariantDatabase(settings, directory, in_memory)
+            # A build interrupted in this directory is continued from its first missing layer.
+            self.database = VariantDatabase.start(settings, directory, in_memory, writable=self.group.is_main)
             self._build_database(calibration, progress)
             self.database.finish()
+            if self.group.active and directory is not None:
+                self.group.barrier()  # the main process has written every layer file and the manifest
+                if not self.group.is_main:
+                    self.database = VariantDatabase.open(directory, settings, self.linears, in_memory)
             logger.info("built the %s database (%d layers, %.1f MiB)", self.name, len(self.linears),
                         self.database.size_bytes / 2**20)
         if in_memory:
@@ -190,6 +196,11 @@ class LayerwiseMethod(CompressionMethod):
         inputs = self._first_block_inputs(calibration, device)
         for i, block in enumerate(tqdm(self.layers, desc=f"{self.name} database", disable=not progress)):
             names = [name for name in self.linears if self.block_of[name] == i]
+            if all(self.database.has_layer(name) for name in names):
+                # Done by an interrupted build: only this block's outputs are needed, for the next block.
+                if i + 1 < len(self.layers):
+                    inputs = self._next_inputs(block, names, inputs)
+                continue
             accumulators: dict[str, HessianAccumulator] = {}
             owner: dict[str, str] = {}
             last: list[Any] = [None, None]
@@ -217,21 +228,41 @@ class LayerwiseMethod(CompressionMethod):
             if unused:
                 raise ValueError(f"[evopress:{self.name}] layers {unused} saw no input during calibration, so "
                                  "their variants cannot be solved")
-            for name in names:
+            # Under torch.distributed each process solves a share of the layers, balanced by the O(rows * cols^2)
+            # cost of a solve, and every process receives all of them.
+            todo = [name for name in names if not self.database.has_layer(name)]
+            share = balanced_shares([self.linears[n].out_features * self.linears[n].in_features ** 2 for n in todo],
+                                    self.group.world_size)[self.group.rank]
+            solved = {}
+            for index in share:
+                name = todo[index]
                 tensors, errors = self.solve(name, self.linears[name].weight, hessians[owner[name]])
-                self.database.add_layer(name, tensors, errors)
+                solved[name] = ({key: value.cpu() for key, value in tensors.items()}, errors)
+            for part in self.group.all_gather(solved):
+                solved.update(part)
+            for name in todo:
+                self.database.add_layer(name, *solved.pop(name))
             del hessians
             accumulators.clear()
+            if any(self.calibration_key(name) is not None for name in names):
+                outputs = None  # recomputed at the calibration levels
+            inputs = self._next_inputs(block, names, inputs, outputs)
+
+    def _next_inputs(self, block: nn.Module, names: list[str], inputs: list[tuple[torch.Tensor, Any]],
+                     outputs: list[torch.Tensor] | None = None) -> list[tuple[torch.Tensor, Any]]:
+        """The next block's inputs: this block's outputs, with its layers at their calibration levels if any."""
+        if outputs is None:
+            # Sequential calibration: the next block sees this block's outputs at the calibration level.
             keys = {name: self.calibration_key(name) for name in names}
-            if any(key is not None for key in keys.values()):
-                # Sequential calibration: the next block sees this block's outputs at the calibration level.
-                for name, key in keys.items():
-                    if key is not None:
-                        self.linears[name].weight.data = self.decode(name, key)
+            for name, key in keys.items():
+                if key is not None:
+                    self.linears[name].weight.data = self.decode(name, key)
+            try:
                 outputs = [self._run_block(block, hidden, extra) for hidden, extra in inputs]
+            finally:
                 for name in names:
                     self.linears[name].weight.data = self._dense[name]
-            inputs = [(out, extra) for out, (_, extra) in zip(outputs, inputs)]
+        return [(out, extra) for out, (_, extra) in zip(outputs, inputs)]
 
     def _first_block_inputs(self, calibration: torch.Tensor, device: torch.device) -> list[tuple[torch.Tensor, Any]]:
         """Runs the model up to its first block and keeps that block's inputs (hidden states and keyword arguments)."""

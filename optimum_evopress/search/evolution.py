@@ -105,7 +105,7 @@ def _write_state(path: str, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _read_state(path: str, space: LevelSpace, settings: SearchSettings) -> dict[str, Any]:
+def _read_state(path: str, space: LevelSpace, settings: SearchSettings, context: dict[str, Any]) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as handle:
             state = json.load(handle)
@@ -115,6 +115,11 @@ def _read_state(path: str, space: LevelSpace, settings: SearchSettings) -> dict[
         raise ValueError(f"resume_from: {path!r} is not an EvoPress search state (version {state.get('version')!r})")
     if state.get("space") != space.fingerprint():
         raise ValueError(f"resume_from: {path!r} was written for another model, method or budget")
+    stored = state.get("context", {})
+    wanted = json.loads(json.dumps(context))
+    differences = sorted(key for key in set(stored) | set(wanted) if stored.get(key) != wanted.get(key))
+    if differences:
+        raise ValueError(f"resume_from: {path!r} was written for another run; it differs in {differences}")
     saved = dict(state.get("settings", {}))
     current = settings.to_dict()
     # More generations may be asked for on resume; everything else must match.
@@ -136,6 +141,7 @@ def evolutionary_search(
     resume_from: str | None = None,
     progress: bool = True,
     seeds: Sequence[Assignment] = (),
+    context: dict[str, Any] | None = None,
 ) -> SearchResult:
     """Runs the (1+lambda) evolutionary search of EvoPress on `space`.
 
@@ -149,19 +155,25 @@ def evolutionary_search(
         space: units, levels, costs and budget.
         evaluate: scores candidates on a fresh minibatch of tokens (lower is better).
         settings: generations, offspring, selection stages, initial candidates, flips and seed.
-        checkpoint_path: where to write the search state after each generation.
-        resume_from: a state written by an earlier run with the same space and settings.
+        checkpoint_path: where to write the search state after each generation (atomically, so a run
+            killed at any moment leaves the state of its last finished generation).
+        resume_from: a state written by an earlier run with the same space, settings and context. When it
+            is `checkpoint_path` and does not exist yet, the search starts afresh: one command line then
+            both starts a run and resumes it after an interruption.
         progress: show a tqdm bar.
         seeds: assignments that join the random ones in the initial pool (e.g. uniform at an integer
             bit-width target); the pool still holds `initial_candidates` in total.
+        context: JSON values the state must have been written with to be resumed (e.g. fingerprints of the
+            calibration data and the fitness); a state from another run is refused naming what differs.
     """
+    context = dict(context or {})
     for seed_assignment in seeds:
         if not space.is_valid(seed_assignment):
             raise ValueError(f"evolutionary_search: seed assignment {seed_assignment} is not valid at the budget")
     mutation_rng, data_rng = _new_rngs(settings.seed)
     history: list[dict[str, Any]] = []
     if resume_from is not None and os.path.exists(resume_from):
-        state = _read_state(resume_from, space, settings)
+        state = _read_state(resume_from, space, settings, context)
         parent, parent_fitness = tuple(state["parent"]), state["parent_fitness"]
         mutation_rng.bit_generator.state = state["mutation_rng"]
         data_rng.bit_generator.state = state["data_rng"]
@@ -169,7 +181,7 @@ def evolutionary_search(
         start = state["generation"]
         logger.info("resuming the search at generation %d from %s", start, resume_from)
     else:
-        if resume_from is not None:
+        if resume_from is not None and resume_from != checkpoint_path:
             raise FileNotFoundError(f"resume_from: no search state at {resume_from!r}")
         start_time = time.perf_counter()
         pool: list[Assignment] = list(dict.fromkeys(tuple(a) for a in seeds))[:max(settings.initial_candidates, 1)]
@@ -219,6 +231,7 @@ def evolutionary_search(
                 "version": STATE_VERSION,
                 "space": space.fingerprint(),
                 "settings": settings.to_dict(),
+                "context": context,
                 "generation": generation + 1,
                 "parent": list(parent),
                 "parent_fitness": parent_fitness,
