@@ -167,13 +167,16 @@ def _load(model_name: str, dtype: str | None = None):
 
 def _compress(args: argparse.Namespace) -> int:
     from .compressor import EvoPressCompressor  # noqa: PLC0415
+    from .distributed import current_group  # noqa: PLC0415
     from .export import check_output_dir  # noqa: PLC0415
 
     config = _config_from_args(args)
+    # Under torchrun every process runs this command; the main one reports.
+    echo = print if current_group(config.device).is_main else (lambda *args, **kwargs: None)
     check_output_dir(args.output, args.overwrite)
     model, tokenizer = _load(args.model, config.dtype)
     compressor = EvoPressCompressor(model, tokenizer)
-    print(f"EvoPress {config.method} on {args.model}: target {config.target}, search {config.search!r}, "
+    echo(f"EvoPress {config.method} on {args.model}: target {config.target}, search {config.search!r}, "
           f"preset {config.preset!r}" + (" (small CPU preset: short sequences, few generations)"
                                          if config.preset == "cpu" else ""))
     compressor.compress(config, save_dir=args.output, overwrite=args.overwrite, progress=not args.quiet,
@@ -181,20 +184,20 @@ def _compress(args: argparse.Namespace) -> int:
     result = compressor.result
     if "average_bits" in result.budget:
         counts = Counter(result.levels.values())
-        print(f"average bits: {result.budget['average_bits']:.4f} (target {config.target}); units per bit-width: "
+        echo(f"average bits: {result.budget['average_bits']:.4f} (target {config.target}); units per bit-width: "
               + ", ".join(f"{bits}: {counts[bits]}" for bits in sorted(counts)))
     elif "average_sparsity" in result.budget:
         sparsities = model.config.evopress["layer_sparsity"].values()
-        print(f"average sparsity: {result.budget['average_sparsity']:.4f} (target {config.target}); layers from "
+        echo(f"average sparsity: {result.budget['average_sparsity']:.4f} (target {config.target}); layers from "
               f"{min(sparsities):.1%} to {max(sparsities):.1%}")
     else:
         changed = {unit: level for unit, level in result.levels.items() if level not in ("kept",)}
-        print(f"budget: {result.budget['cost']} of {result.budget['units']} units")
-        print("compressed units: " + ", ".join(f"{unit}={level}" for unit, level in changed.items()))
+        echo(f"budget: {result.budget['cost']} of {result.budget['units']} units")
+        echo("compressed units: " + ", ".join(f"{unit}={level}" for unit, level in changed.items()))
     if result.perplexity:
-        print(f"held-out perplexity: dense {result.perplexity['dense']:.2f} -> compressed "
+        echo(f"held-out perplexity: dense {result.perplexity['dense']:.2f} -> compressed "
               f"{result.perplexity['compressed']:.2f}")
-    print(f"search: {result.timings['search']:.1f}s; saved to {args.output}")
+    echo(f"search: {result.timings['search']:.1f}s; saved to {args.output}")
     return 0
 
 

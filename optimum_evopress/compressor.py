@@ -14,6 +14,8 @@ import torch
 
 from .configuration import EvoPressConfig
 from .data import TokenData, prepare_token_data
+from .database import tensor_fingerprint
+from .distributed import ProcessGroup, current_group
 from .evaluation import perplexity
 from .export import check_output_dir, save_checkpoint
 from .formats import check_gptq_export, load_levels, save_gptq
@@ -102,6 +104,7 @@ class EvoPressCompressor:
         self.config: EvoPressConfig | None = None
         self.result: EvoPressResult | None = None
         self.method: CompressionMethod | None = None
+        self.group = ProcessGroup()
 
     # ------------------------------------------------------------------ main entry point
     def compress(self, config: EvoPressConfig, save_dir: str | os.PathLike | None = None, overwrite: bool = False,
@@ -117,6 +120,10 @@ class EvoPressCompressor:
             overwrite: replace a non-empty `save_dir`.
             progress: show tqdm progress bars.
             format: the format `save_dir` is written in (see `save_pretrained`); checked before any work starts.
+
+        Under torch.distributed (`torchrun --nproc_per_node N ...`) every process calls `compress` with the same
+        arguments: the database build and the candidate scoring are shared, every process ends with the same
+        compressed model, and only the main process writes files (see `optimum_evopress.distributed`).
         """
         if not isinstance(config, EvoPressConfig):
             raise TypeError(f"compress() takes an EvoPressConfig, got {type(config).__name__}")
@@ -128,9 +135,13 @@ class EvoPressCompressor:
         if self.tokenizer is None:
             raise ValueError("EvoPressConfig.calibration_dataset holds text; pass a tokenizer: "
                              "EvoPressCompressor(model, tokenizer)")
-        if config.resume_from is not None and not os.path.isfile(config.resume_from):
+        if (config.resume_from is not None and not os.path.isfile(config.resume_from)
+                and config.resume_from != config.checkpoint_path):
             raise FileNotFoundError(f"EvoPressConfig.resume_from: no search state at {config.resume_from!r}")
+        group = self.group = current_group(config.device)
+        progress = progress and group.is_main
         method = get_method_class(config.method)(self.model, config)
+        method.group = group
         _check_format(format, config.method, config.bits,
                       {name: tuple(m.weight.shape) for name, m in getattr(method, "linears", {}).items()})
         space = method.level_space()
@@ -181,21 +192,28 @@ class EvoPressCompressor:
         swap_seconds = [0.0]
 
         def evaluate(candidates: Sequence[Assignment], num_tokens: int, rng: np.random.Generator) -> list[float]:
+            # Every process draws the same minibatch and scores every `world_size`-th candidate.
             batch = draw_minibatch(evaluator.num_sequences, evaluator.sequence_length, num_tokens, rng)
-            scores = []
-            for candidate in candidates:
+            scores = {}
+            for index in range(group.rank, len(candidates), group.world_size):
                 start = time.perf_counter()
-                method.set_levels(candidate)
+                method.set_levels(candidates[index])
                 swap_seconds[0] += time.perf_counter() - start
-                scores.append(evaluator.score(batch))
-            return scores
+                scores[index] = evaluator.score(batch)
+            for part in group.all_gather(scores):
+                scores.update(part)
+            return [scores[index] for index in range(len(candidates))]
 
         final_tokens = max(search_settings.tokens_per_selection)
+        # A `resume_from` that is also the `checkpoint_path` and does not exist yet starts a fresh search.
+        resume_from = config.resume_from if config.resume_from and os.path.isfile(config.resume_from) else None
         with torch.no_grad():
             if config.search == "evolution":
-                found = evolutionary_search(space, evaluate, search_settings, checkpoint_path=config.checkpoint_path,
-                                            resume_from=config.resume_from, progress=progress,
-                                            seeds=method.initial_assignments(space))
+                found = evolutionary_search(space, evaluate, search_settings,
+                                            checkpoint_path=config.checkpoint_path if group.is_main else None,
+                                            resume_from=resume_from, progress=progress,
+                                            seeds=method.initial_assignments(space),
+                                            context=self._search_context(config, data, method))
             elif config.search == "random":
                 found = random_search(space, config.seed, evaluate, final_tokens, search_settings.initial_candidates)
             elif config.search == "brute_force":
@@ -232,6 +250,7 @@ class EvoPressCompressor:
             self.result.perplexity = {"dense": baseline_perplexity, "compressed": self._perplexity(data, config)}
         if save_dir is not None:
             self.save_pretrained(save_dir, overwrite=overwrite, format=format)
+            group.barrier()
         # `compressed.push_to_hub(repo_id)` uploads the whole EvoPress checkpoint, card included.
         compressed.push_to_hub = self.push_to_hub
         return compressed
@@ -266,7 +285,7 @@ class EvoPressCompressor:
 
     # ------------------------------------------------------------------ helpers
     def _prepare_model(self, config: EvoPressConfig) -> None:
-        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = self.group.resolve_device(config.device)
         dtype = _DTYPES.get(config.dtype)
         if getattr(self.model, "hf_device_map", None) is None:
             self.model.to(device)
@@ -279,6 +298,17 @@ class EvoPressCompressor:
             self.model.to(dtype)
             for module, name, buffer in kept:
                 module._buffers[name] = buffer
+
+    def _search_context(self, config: EvoPressConfig, data: TokenData, method: CompressionMethod) -> dict[str, Any]:
+        """What a saved search state must match to be resumed, besides the space and the search settings."""
+        context = {"calibration": tensor_fingerprint([data.calibration]), "fitness": config.fitness,
+                   "model": self.base_model, "dtype": str(next(self.model.parameters()).dtype)}
+        if config.fitness == "topk_kl":
+            context["topk"] = config.topk
+        database = getattr(method, "database", None)
+        if database is not None:  # the variants' settings include a fingerprint of the model's weights
+            context["variants"] = database.settings
+        return context
 
     def _perplexity(self, data: TokenData, config: EvoPressConfig) -> float | None:
         if len(data.evaluation) == 0:
@@ -297,6 +327,8 @@ class EvoPressCompressor:
                         **kwargs: Any) -> None:
         """Writes the compressed model, its tokenizer and `evopress_config.json` atomically.
 
+        Under torch.distributed only the main process writes; the others return at once.
+
         Args:
             save_directory: the checkpoint directory.
             overwrite: replace a non-empty `save_directory` (otherwise a `ValueError`).
@@ -306,6 +338,8 @@ class EvoPressCompressor:
                 checkpoint with per-module `dynamic` bit-widths for GPTQModel and vLLM; needs the `[gptq]` extra).
         """
         record = self.record()
+        if not self.group.is_main:
+            return
         save_model = None
         if format is not None:
             layer_bits = self.model.config.evopress.get("layer_bits", {})
@@ -321,6 +355,7 @@ class EvoPressCompressor:
                     format: str | None = None) -> str:
         """Uploads the compressed checkpoint, tokenizer, `evopress_config.json`, model card and level heat map
         to the Hub in one commit; returns the commit URL. `AutoModelForCausalLM.from_pretrained(repo_id)` loads it.
+        Under torch.distributed only the main process uploads; the others return an empty string.
 
         Args:
             repo_id: `name` or `namespace/name`; created if missing.
@@ -340,6 +375,8 @@ class EvoPressCompressor:
 
         self.record()  # compressed?
         token = check_push(repo_id, token)
+        if not self.group.is_main:
+            return ""
         with tempfile.TemporaryDirectory() as scratch:
             directory = os.path.join(scratch, "checkpoint")
             self.save_pretrained(directory, format=format)

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import torch
 
+from ..distributed import ProcessGroup
 from ..search.space import Assignment, LevelSpace
 
 if TYPE_CHECKING:
@@ -55,6 +56,8 @@ class CompressionMethod:
         self.config = config
         # The first granularity a method lists is its default.
         self.granularity = config.granularity or (self.granularities[0] if self.granularities else None)
+        # The processes sharing `build` (set by the compressor under torch.distributed).
+        self.group = ProcessGroup()
 
     @classmethod
     def validate_config(cls, config: "EvoPressConfig") -> None:
