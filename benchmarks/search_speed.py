@@ -1,13 +1,17 @@
 """Where a generation's time goes: forward passes, fitness arithmetic, variant swaps, everything else.
 
 For each method, a short EvoPress search on SmolLM2-135M (cpu preset unless `--set` says otherwise)
-runs twice on the same database with the same seed, so both runs score the same candidates:
+runs in three ways on the same database with the same seed, so all score the same candidates and
+must reach the same fitness values:
 
-- `memory`: ours; every variant is decoded once and a swap points the layer's weight at it (no copy);
-- `disk`: the reference implementation's approach; each changed layer's variant is read from its file
-  on disk (and decoded) for every candidate (`database_in_memory=False`).
+- `ours`: every variant is decoded once and a swap points the layer's weight at it (no copy), and each
+  offspring runs only from its first block that differs from the parent (prefix reuse);
+- `full forward`: the same swaps, but every candidate runs the whole model (`reuse_prefix=False`);
+- `reference`: the straightforward implementation, as the reference code does it: each changed layer's
+  variant is read from its file on disk (and decoded) for every candidate, and every candidate runs the
+  whole model (`database_in_memory=False, reuse_prefix=False`).
 
-Depth pruning has no variants to read, so it runs once. Prints a table, writes JSON
+Depth pruning has no variants to read, so it has no `reference` row. Prints a table, writes JSON
 (default benchmarks/results/search_speed.json). Ratios compare runs of one invocation only.
 
     python benchmarks/search_speed.py                               # all methods, 3 generations each
@@ -26,16 +30,21 @@ from optimum_evopress import EvoPressCompressor, EvoPressConfig
 from optimum_evopress.models import load_default_model
 
 METHODS = {"depth": 0.25, "quantization": 3.0, "sparsity": 0.6}
+# SmolLM2-135M: group size 64 divides every layer's input size (576 and 1536), as in benchmarks/quantization.py.
+EXTRA = {"quantization": {"group_size": 64}}
+MODES = {"ours": dict(database_in_memory=True, reuse_prefix=True),
+         "full forward": dict(database_in_memory=True, reuse_prefix=False),
+         "reference": dict(database_in_memory=False, reuse_prefix=False)}
 PARTS = ("forward", "fitness", "swap", "other")
 
 
-def measure(method: str, swap: str, args: argparse.Namespace, tokenizer) -> dict:
+def measure(method: str, mode: str, args: argparse.Namespace, tokenizer) -> dict:
     model, _ = load_default_model(getattr(torch, args.dtype))
     settings = dict(method=method, target=METHODS[method], preset="cpu", generations=args.generations,
-                    evaluation_tokens=0, seed=args.seed, device=args.device)
+                    evaluation_tokens=0, seed=args.seed, device=args.device, reuse_prefix=MODES[mode]["reuse_prefix"])
     if method != "depth":
         settings.update(database_dir=os.path.join(args.database_root, f"{method}-{args.dtype}"),
-                        database_in_memory=swap == "memory")
+                        database_in_memory=MODES[mode]["database_in_memory"], **EXTRA.get(method, {}))
     settings.update(parse_overrides(args.set))
     compressor = EvoPressCompressor(model, tokenizer)
     compressor.compress(EvoPressConfig(**settings), progress=False)
@@ -44,10 +53,10 @@ def measure(method: str, swap: str, args: argparse.Namespace, tokenizer) -> dict
     parts = {"forward": timings["search_forward"], "fitness": timings["search_fitness"], "swap": timings["search_swap"]}
     parts["other"] = timings["search"] - sum(parts.values())
     # The initial pool (generation 0) is scored too; per-generation figures divide the whole search.
-    row = {"method": method, "swap": swap, "generations": generations, "search_seconds": timings["search"],
+    row = {"method": method, "mode": mode, "generations": generations, "search_seconds": timings["search"],
            "seconds_per_generation": timings["search"] / max(generations, 1),
            "tokens": sum(r["tokens"] for r in compressor.result.history),
-           "levels": compressor.result.levels}
+           "fitness": [r["fitness"] for r in compressor.result.history], "levels": compressor.result.levels}
     for part in PARTS:
         row[f"{part}_seconds"] = parts[part]
         row[f"{part}_share"] = parts[part] / timings["search"]
@@ -70,18 +79,19 @@ def main() -> None:
     _, tokenizer = load_default_model()
     rows = []
     for method in args.methods:
-        for swap in (("memory",) if method == "depth" else ("memory", "disk")):
-            rows.append(measure(method, swap, args, tokenizer))
-            print(f"{method:>12} {swap:>6}: {rows[-1]['seconds_per_generation']:.2f} s/generation", flush=True)
+        for mode in (m for m in MODES if not (method == "depth" and m == "reference")):
+            rows.append(measure(method, mode, args, tokenizer))
+            print(f"{method:>12} {mode:>12}: {rows[-1]['seconds_per_generation']:.2f} s/generation", flush=True)
 
-    print(f"\n| method | swap | s/generation | forward | fitness | swap | other | disk/memory |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| method | mode | s/generation | forward | fitness | swap | other | time / ours | same fitness |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
-        memory = next(r for r in rows if r["method"] == row["method"] and r["swap"] == "memory")
-        ratio = row["seconds_per_generation"] / memory["seconds_per_generation"]
-        row["same_levels_as_memory"] = row["levels"] == memory["levels"]
-        print(f"| {row['method']} | {row['swap']} | {row['seconds_per_generation']:.2f} | "
-              + " | ".join(f"{100 * row[f'{part}_share']:.1f}%" for part in PARTS) + f" | {ratio:.2f}x |")
+        ours = next(r for r in rows if r["method"] == row["method"] and r["mode"] == "ours")
+        row["time_over_ours"] = row["seconds_per_generation"] / ours["seconds_per_generation"]
+        row["same_fitness_as_ours"] = row["fitness"] == ours["fitness"] and row["levels"] == ours["levels"]
+        print(f"| {row['method']} | {row['mode']} | {row['seconds_per_generation']:.2f} | "
+              + " | ".join(f"{100 * row[f'{part}_share']:.1f}%" for part in PARTS)
+              + f" | {row['time_over_ours']:.2f}x | {'yes' if row['same_fitness_as_ours'] else 'NO'} |")
     write_json(args.output, {"rows": rows, "settings": vars(args),
                              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"})
 

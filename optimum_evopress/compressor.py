@@ -7,7 +7,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,9 +19,11 @@ from .distributed import ProcessGroup, current_group
 from .evaluation import perplexity
 from .export import check_output_dir, save_checkpoint
 from .formats import check_gptq_export, load_levels, save_gptq
-from .fitness import FitnessEvaluator, draw_minibatch, teacher_cache_bytes
+from .models import find_decoder
+from .fitness import FitnessEvaluator, teacher_cache_bytes
 from .methods import CompressionMethod, get_method_class
-from .search import (Assignment, SearchResult, SearchSettings, brute_force_search, evolutionary_search,
+from .scoring import CandidateScorer
+from .search import (SearchResult, SearchSettings, brute_force_search, evolutionary_search,
                      one_at_a_time_search, random_search)
 
 __all__ = ["EvoPressCompressor", "EvoPressResult"]
@@ -178,7 +180,8 @@ class EvoPressCompressor:
 
         baseline_perplexity = self._perplexity(data, config)
         clock = time.perf_counter()
-        evaluator = FitnessEvaluator(self.model, data.calibration, config.fitness, config.topk, config.batch_size)
+        evaluator = FitnessEvaluator(self.model, data.calibration, config.fitness, config.topk, config.batch_size,
+                                     layers=find_decoder(self.model)[1])
         needs_teacher = config.search in ("evolution", "brute_force", "one_at_a_time", *method.candidate_baselines) or (
             config.search == "random" and search_settings.initial_candidates > 1)
         if needs_teacher:
@@ -189,21 +192,7 @@ class EvoPressCompressor:
         timings["dense_outputs"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        swap_seconds = [0.0]
-
-        def evaluate(candidates: Sequence[Assignment], num_tokens: int, rng: np.random.Generator) -> list[float]:
-            # Every process draws the same minibatch and scores every `world_size`-th candidate.
-            batch = draw_minibatch(evaluator.num_sequences, evaluator.sequence_length, num_tokens, rng)
-            scores = {}
-            for index in range(group.rank, len(candidates), group.world_size):
-                start = time.perf_counter()
-                method.set_levels(candidates[index])
-                swap_seconds[0] += time.perf_counter() - start
-                scores[index] = evaluator.score(batch)
-            for part in group.all_gather(scores):
-                scores.update(part)
-            return [scores[index] for index in range(len(candidates))]
-
+        evaluate = CandidateScorer(method, evaluator, group, config.reuse_prefix)
         final_tokens = max(search_settings.tokens_per_selection)
         # A `resume_from` that is also the `checkpoint_path` and does not exist yet starts a fresh search.
         resume_from = config.resume_from if config.resume_from and os.path.isfile(config.resume_from) else None
@@ -226,7 +215,7 @@ class EvoPressCompressor:
                 # Method baselines such as block influence need one forward pass: give them every calibration token.
                 found = method.run_baseline(config.search, space, data.calibration)
                 if isinstance(found, list):  # candidates: keep the best on the final stage's tokens
-                    scores = [float(v) for v in evaluate(found, final_tokens, np.random.default_rng(config.seed))]
+                    scores = [float(v) for v in evaluate(found, final_tokens, np.random.default_rng(config.seed), None)]
                     best = int(np.argmin(scores))
                     found = SearchResult(assignment=found[best], fitness=scores[best],
                                          history=[{"candidate_scores": scores}])
@@ -236,7 +225,7 @@ class EvoPressCompressor:
         timings["search"] = time.perf_counter() - clock
         timings["search_forward"] = evaluator.forward_seconds
         timings["search_fitness"] = evaluator.metric_seconds
-        timings["search_swap"] = swap_seconds[0]
+        timings["search_swap"] = evaluate.swap_seconds
 
         summary = method.summary(found.assignment, space)
         compressed = method.apply(found.assignment)

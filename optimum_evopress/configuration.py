@@ -171,6 +171,11 @@ class EvoPressConfig:
         default=8192, metadata={"help": "Held-out tokens for the perplexity reported after compression (0: none)."}
     )
     batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass."})
+    reuse_prefix: bool = field(
+        default=True,
+        metadata={"help": "Run each offspring only from its first block that differs from the parent, replaying "
+                  "the parent's hidden states before it (same values, fewer blocks run)."},
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the search and of calibration sampling."})
     device: str | None = field(default=None, metadata={"help": "`cuda`, `cpu`, ...; default: CUDA when present."})
     dtype: str = field(default="auto", metadata={"help": "Compute dtype: `auto` (keep the model's), `float32`, ..."})
@@ -203,7 +208,7 @@ class EvoPressConfig:
             self.bits = list(self.bits)
         if isinstance(self.calibration_bits, str) and self.calibration_bits.isdigit():
             self.calibration_bits = int(self.calibration_bits)  # from the command line
-        for name in ("act_order", "keep_zeros", "database_in_memory"):
+        for name in ("act_order", "keep_zeros", "database_in_memory", "reuse_prefix"):
             if not isinstance(getattr(self, name), bool) and not (name == "database_in_memory" and self.database_in_memory
                                                                    is None):
                 raise TypeError(f"EvoPressConfig.{name} must be a bool, got {getattr(self, name)!r}")

@@ -14,18 +14,29 @@ The dense model's outputs on the calibration set are computed once and cached on
 - `ppl`: nothing is cached; the fitness is the mean next-token negative log-likelihood.
 
 All fitness values are means per token; lower is better.
+
+Prefix reuse: a candidate that differs from a reference state (the search's parent) first in block k
+computes the same hidden states as the reference up to block k. `record_prefix` scores the reference
+while keeping the inputs of its blocks (every block's, or every s-th one's within a memory budget);
+`score(batch, start_block=k)` then replays the kept input nearest below block k and runs only the
+blocks from there. The blocks run on the same tensors in the same groups, so the values are
+bit-identical to a full forward pass.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["Minibatch", "draw_minibatch", "FitnessEvaluator", "teacher_cache_bytes"]
+__all__ = ["Minibatch", "draw_minibatch", "FitnessEvaluator", "teacher_cache_bytes", "prefix_cache_budget"]
 
 # A minibatch is a list of (calibration sequence index, number of leading tokens used).
 Minibatch = list[tuple[int, int]]
@@ -61,6 +72,46 @@ def teacher_cache_bytes(kind: str, num_tokens: int, vocab_size: int, topk: int) 
     return 0
 
 
+def prefix_cache_budget(device: torch.device) -> int:
+    """Bytes the kept block inputs of prefix reuse may take: a quarter of the device's free memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 4
+    import psutil  # noqa: PLC0415
+
+    return psutil.virtual_memory().available // 4
+
+
+class _Passthrough(nn.Module):
+    """Stands in for a block before the replayed one: the forward pass skips it."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+
+class _Replay(nn.Module):
+    """Stands in for the block before the resumed one: returns the kept input of the resumed block."""
+
+    def __init__(self, hidden_states: torch.Tensor) -> None:
+        super().__init__()
+        self.hidden_states = hidden_states
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.hidden_states
+
+
+class _Recorder(nn.Module):
+    """Wraps a block and keeps its output (the next block's input)."""
+
+    def __init__(self, block: nn.Module, store: dict[int, torch.Tensor], boundary: int) -> None:
+        super().__init__()
+        self.block, self.store, self.boundary = block, store, boundary
+
+    def forward(self, *args, **kwargs):
+        out = self.block(*args, **kwargs)
+        self.store[self.boundary] = out
+        return out
+
+
 class FitnessEvaluator:
     """Scores the model's current state against the cached dense outputs on calibration minibatches.
 
@@ -70,10 +121,12 @@ class FitnessEvaluator:
         kind: `kl`, `topk_kl` or `ppl`.
         topk: values kept per token for `topk_kl`.
         batch_size: sequences per forward pass.
+        layers: the model's decoder blocks (`model.model.layers`); enables prefix reuse.
+        prefix_budget: bytes the kept block inputs may take (default: `prefix_cache_budget`).
     """
 
     def __init__(self, model: torch.nn.Module, sequences: torch.Tensor, kind: str = "kl", topk: int = 128,
-                 batch_size: int = 8) -> None:
+                 batch_size: int = 8, layers: nn.ModuleList | None = None, prefix_budget: int | None = None) -> None:
         if kind not in ("kl", "topk_kl", "ppl"):
             raise ValueError(f"fitness must be one of ('kl', 'topk_kl', 'ppl'), got {kind!r}")
         self.model = model
@@ -88,6 +141,12 @@ class FitnessEvaluator:
         self.teacher_indices: torch.Tensor | None = None
         self.forward_seconds = 0.0
         self.metric_seconds = 0.0
+        self.layers = layers
+        self.prefix_budget = prefix_budget
+        # Per forward group of the recorded minibatch: {block index: that block's input}.
+        self._prefix: list[dict[int, torch.Tensor]] | None = None
+        self._prefix_batch: Minibatch | None = None
+        self.blocks_run = 0  # decoder blocks run by `score`, to measure what prefix reuse saves
 
     @property
     def device(self) -> torch.device:
@@ -112,6 +171,51 @@ class FitnessEvaluator:
         logits = self.model(input_ids=input_ids.to(self.device), use_cache=False).logits.float()
         self.forward_seconds += time.perf_counter() - start
         return logits
+
+    @contextlib.contextmanager
+    def _swapped_blocks(self, replacements: dict[int, nn.Module]) -> Iterator[None]:
+        originals = {i: self.layers[i] for i in replacements}
+        for i, module in replacements.items():
+            self.layers[i] = module
+        try:
+            yield
+        finally:
+            for i, module in originals.items():
+                self.layers[i] = module
+
+    def _stride(self, batch: Minibatch, hidden_bytes: int) -> int:
+        """Keep the input of every s-th block, with s the smallest that fits the budget (0: keep none)."""
+        tokens = sum(length for _, length in batch)
+        total = tokens * hidden_bytes * (len(self.layers) - 1)
+        budget = self.prefix_budget if self.prefix_budget is not None else prefix_cache_budget(self.device)
+        if total == 0 or budget < tokens * hidden_bytes:
+            return 0
+        return max(1, math.ceil(total / budget))
+
+    @torch.no_grad()
+    def record_prefix(self, batch: Minibatch) -> float:
+        """Scores the model's current state on `batch` like `score`, keeping its block inputs for `score(start_block=)`."""
+        if self.layers is None:
+            raise RuntimeError("prefix reuse needs the decoder blocks: FitnessEvaluator(..., layers=...)")
+        reference = next(self.model.parameters())
+        stride = self._stride(batch, self.model.config.hidden_size * reference.element_size())
+        self._prefix, self._prefix_batch = [], list(batch)
+        boundaries = [b for b in range(1, len(self.layers)) if stride and b % stride == 0]
+        stores: list[dict[int, torch.Tensor]] = []
+
+        def forward(indices: list[int], length: int, group: int) -> torch.Tensor:
+            store: dict[int, torch.Tensor] = {}
+            stores.append(store)
+            recorders = {b - 1: _Recorder(self.layers[b - 1], store, b) for b in boundaries}
+            with self._swapped_blocks(recorders):
+                return self._logits(self.sequences[torch.tensor(indices), :length])
+
+        value = self._score(batch, forward)
+        self._prefix = stores
+        return value
+
+    def clear_prefix(self) -> None:
+        self._prefix = self._prefix_batch = None
 
     @torch.no_grad()
     def cache_teacher(self, progress: bool = True) -> None:
@@ -146,14 +250,40 @@ class FitnessEvaluator:
         return groups
 
     @torch.no_grad()
-    def score(self, batch: Minibatch) -> float:
-        """Mean per-token fitness of the model's current state on `batch` (lower is better)."""
+    def score(self, batch: Minibatch, start_block: int = 0) -> float:
+        """Mean per-token fitness of the model's current state on `batch` (lower is better).
+
+        Args:
+            start_block: the first block in which the current state differs from the state `record_prefix`
+                scored on this same `batch`; the blocks before it are not run again.
+        """
+        resume = 0
+        if start_block > 0 and self._prefix is not None:
+            if self._prefix_batch != list(batch):
+                raise RuntimeError("score(start_block=...) needs record_prefix() on the same minibatch first")
+            kept = [b for b in (self._prefix[0] if self._prefix else {}) if b <= start_block]
+            resume = max(kept, default=0)
+        if resume == 0:
+            return self._score(batch, lambda indices, length, group: self._logits(
+                self.sequences[torch.tensor(indices), :length]))
+
+        def forward(indices: list[int], length: int, group: int) -> torch.Tensor:
+            replacements: dict[int, nn.Module] = {i: _Passthrough() for i in range(resume - 1)}
+            replacements[resume - 1] = _Replay(self._prefix[group][resume])
+            with self._swapped_blocks(replacements):
+                return self._logits(self.sequences[torch.tensor(indices), :length])
+
+        return self._score(batch, forward, resume)
+
+    def _score(self, batch: Minibatch, forward, first_block: int = 0) -> float:
         if self.kind != "ppl" and self.teacher_probs is None and self.teacher_values is None:
             raise RuntimeError("call cache_teacher() before score()")
         total, count = 0.0, 0
-        for indices, length in self._groups(batch):
+        for group, (indices, length) in enumerate(self._groups(batch)):
             index = torch.tensor(indices)
-            logits = self._logits(self.sequences[index, :length])
+            logits = forward(indices, length, group)
+            if self.layers is not None:
+                self.blocks_run += len(self.layers) - first_block
             start = time.perf_counter()
             value, tokens = self._metric(logits, index, length)
             total += value

@@ -152,3 +152,35 @@ def test_sequences_longer_than_the_model_reads_fail_first(tokenizer, no_data_loa
 def test_missing_resume_state_fails_first(tokenizer, tmp_path, no_data_loading):
     with pytest.raises(FileNotFoundError, match="resume_from"):
         EvoPressCompressor(make_model(), tokenizer).compress(small_config(resume_from=str(tmp_path / "x.json")))
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),
+    dict(granularity="sublayer", target=0.25),
+    dict(method="quantization", target=2.5, bits=[2, 3, 4, 8], group_size=16, calibration_tokens=512,
+         sequence_length=32, tokens_per_selection=[64, 256]),
+    dict(method="sparsity", target=0.5, calibration_tokens=512, sequence_length=32, tokens_per_selection=[64, 256]),
+])
+def test_prefix_reuse_changes_no_fitness_and_runs_fewer_blocks(tokenizer, overrides, monkeypatch):
+    import optimum_evopress.fitness as fitness_module
+
+    runs = {}
+    original = fitness_module.FitnessEvaluator._score
+    for reuse in (False, True):
+        blocks = []
+
+        def counting(self, *args, **kwargs):
+            before = self.blocks_run
+            value = original(self, *args, **kwargs)
+            blocks.append(self.blocks_run - before)
+            return value
+
+        monkeypatch.setattr(fitness_module.FitnessEvaluator, "_score", counting)
+        compressor = EvoPressCompressor(make_model(), tokenizer)
+        compressor.compress(small_config(**{"generations": 4, "evaluation_tokens": 0, **overrides},
+                                         reuse_prefix=reuse), progress=False)
+        runs[reuse] = (compressor.result, sum(blocks))
+    plain, reused = runs[False][0], runs[True][0]
+    assert reused.levels == plain.levels
+    assert [row["fitness"] for row in reused.history] == [row["fitness"] for row in plain.history]
+    assert 0 < runs[True][1] < runs[False][1]

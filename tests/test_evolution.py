@@ -22,7 +22,7 @@ def true_fitness(assignment):
 
 
 def make_evaluate(noise=0.0, log=None):
-    def evaluate(candidates, num_tokens, rng):
+    def evaluate(candidates, num_tokens, rng, reference=None):
         offset = rng.normal(0, noise / np.sqrt(num_tokens), size=len(candidates)) if noise else [0.0] * len(candidates)
         if log is not None:
             log.append((list(candidates), num_tokens))
@@ -114,7 +114,7 @@ def test_multi_step_selection_keeps_the_elite_when_it_is_best():
 
 def test_small_space_yields_fewer_offspring_without_hanging():
     tiny = LevelSpace(units=["a", "b", "c"], levels=[(0, 1)] * 3, costs=[(0, 1)] * 3, budget=1)
-    result = evolutionary_search(tiny, lambda cands, n, rng: [float(sum(i * x for i, x in enumerate(c))) for c in cands],
+    result = evolutionary_search(tiny, lambda cands, n, rng, reference: [float(sum(i * x for i, x in enumerate(c))) for c in cands],
                                  SearchSettings(generations=3, offspring=8, survivors_per_selection=(4, 1),
                                                 tokens_per_selection=(1, 2)), progress=False)
     assert result.assignment == (1, 0, 0)

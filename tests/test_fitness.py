@@ -85,3 +85,32 @@ def test_minibatches_hold_exactly_the_tokens_asked_for():
 def test_score_before_caching_is_an_error(setup):
     with pytest.raises(RuntimeError, match="cache_teacher"):
         FitnessEvaluator(setup[0], SEQUENCES, "kl").score([(0, 4)])
+
+
+@pytest.mark.parametrize("budget", [None, 1])
+def test_prefix_reuse_gives_the_full_forward_value_bit_for_bit(budget):
+    model = make_model()
+    layers = model.model.layers
+    tokens_bytes = 32 * 4 * (6 * 16 + 10)  # hidden size x float32 x tokens of the minibatch below
+    evaluator = FitnessEvaluator(model, SEQUENCES, "kl", batch_size=4, layers=layers,
+                                 prefix_budget=None if budget is None else 2 * tokens_bytes)
+    evaluator.cache_teacher(progress=False)
+    batch = [(0, 16), (3, 16), (5, 16), (1, 16), (2, 16), (4, 16), (2, 10)]  # three forward groups
+    method = DepthPruning(model, EvoPressConfig(target=0.34))
+    method.set_levels((0, 1, 0, 0, 0, 0))
+    recorded = evaluator.record_prefix(batch)
+    assert recorded == evaluator.score(batch)
+    kept = sorted(evaluator._prefix[0])
+    # Budget for two block inputs: every third block input kept; else all of them.
+    assert kept == ([3] if budget else [1, 2, 3, 4, 5])
+    for changed in (2, 4, 5):
+        method.set_levels((0, 1, 0, 0, 0, 0)[:changed] + (1,) + (0,) * (5 - changed))
+        evaluator.blocks_run = 0
+        resumed = evaluator.score(batch, start_block=changed)
+        assert evaluator.blocks_run == 3 * (6 - max(b for b in [0, *kept] if b <= changed))
+        evaluator.blocks_run = 0
+        assert resumed == evaluator.score(batch) and evaluator.blocks_run == 3 * 6
+    with pytest.raises(RuntimeError, match="same minibatch"):
+        evaluator.score(batch[:2], start_block=3)
+    evaluator.clear_prefix()
+    assert evaluator.score(batch, start_block=3) == evaluator.score(batch)

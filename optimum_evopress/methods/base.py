@@ -85,6 +85,11 @@ class CompressionMethod:
     def reset(self) -> None:
         raise NotImplementedError
 
+    def unit_blocks(self) -> list[int] | None:
+        """The decoder block each unit lives in, so that a candidate is only run from its first changed block
+        (None: every candidate runs the whole model)."""
+        return None
+
     def apply(self, assignment: Assignment) -> torch.nn.Module:
         """Makes `assignment` permanent on the model, in the form that is exported, and returns the model."""
         raise NotImplementedError

@@ -99,6 +99,10 @@ class DepthPruning(CompressionMethod):
         return [f"{self.path}.{i}.{name}" for i in range(len(self.blocks)) for name in (self.arch.attention,
                                                                                       self.arch.mlp)]
 
+    def unit_blocks(self) -> list[int]:
+        per_block = 1 if self.granularity == "block" else 2
+        return [i // per_block for i in range(len(self.unit_names()))]
+
     def level_space(self) -> LevelSpace:
         units = self.unit_names()
         budget = round(self.config.target * len(units))

@@ -127,6 +127,9 @@ class LayerwiseMethod(CompressionMethod):
             units.append((label, members))
         return units
 
+    def unit_blocks(self) -> list[int]:
+        return [self.block_of[members[0]] for _, members in self.units]
+
     def unit_sizes(self) -> list[int]:
         return [sum(self.linears[m].weight.numel() for m in members) for _, members in self.units]
 

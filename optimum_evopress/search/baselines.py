@@ -29,7 +29,7 @@ def random_search(space: LevelSpace, seed: int = 0, evaluate: Evaluate | None = 
     drawn = [space.random_assignment(rng) for _ in range(max(1, candidates))]
     if evaluate is None or len(drawn) == 1:
         return SearchResult(assignment=drawn[0], fitness=None)
-    scores = [float(s) for s in evaluate(drawn, num_tokens, np.random.default_rng(seed))]
+    scores = [float(s) for s in evaluate(drawn, num_tokens, np.random.default_rng(seed), None)]
     best = int(np.argmin(scores))
     return SearchResult(assignment=drawn[best], fitness=scores[best], history=[{"candidate_scores": scores}])
 
@@ -75,7 +75,7 @@ def brute_force_search(space: LevelSpace, evaluate: Evaluate, num_tokens: int, s
     scores: list[float] = []
     for start in tqdm(range(0, len(candidates), 64), desc="brute force", disable=not progress):
         # A generator seeded alike for every chunk draws the same tokens for all candidates.
-        scores.extend(float(s) for s in evaluate(candidates[start:start + 64], num_tokens, np.random.default_rng(seed)))
+        scores.extend(float(s) for s in evaluate(candidates[start:start + 64], num_tokens, np.random.default_rng(seed), None))
     best = int(np.argmin(scores))
     return SearchResult(assignment=candidates[best], fitness=scores[best])
 
@@ -109,7 +109,7 @@ def one_at_a_time_search(space: LevelSpace, evaluate: Evaluate, num_tokens: int,
         candidate = [0] * space.num_units
         candidate[unit] = 1
         singles.append(tuple(candidate))
-    scores = [float(s) for s in evaluate(singles, num_tokens, np.random.default_rng(seed))]
+    scores = [float(s) for s in evaluate(singles, num_tokens, np.random.default_rng(seed), None)]
     assignment = rank_to_assignment(space, scores)
     return SearchResult(assignment=assignment, fitness=None, history=[{"unit_scores": scores}])
 

@@ -1,8 +1,9 @@
 """The (1+lambda) evolutionary search with multi-step selection, elitism and resumable state.
 
-The engine knows nothing about models. It calls `evaluate(candidates, num_tokens, rng)`, which must
-score every candidate on one fresh minibatch of exactly `num_tokens` calibration tokens drawn with
-`rng`, and return one fitness per candidate (lower is better).
+The engine knows nothing about models. It calls `evaluate(candidates, num_tokens, rng, reference)`, which
+must score every candidate on one fresh minibatch of exactly `num_tokens` calibration tokens drawn with
+`rng`, and return one fitness per candidate (lower is better). `reference` is the current parent (None
+while the first is chosen); the candidates are small changes of it, which an evaluator may exploit.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ __all__ = ["SearchSettings", "SearchResult", "Evaluate", "evolutionary_search", 
 
 logger = logging.getLogger(__name__)
 
-Evaluate = Callable[[Sequence[Assignment], int, np.random.Generator], Sequence[float]]
+# evaluate(candidates, num_tokens, rng, reference): `reference` is the current parent (None before the first),
+# which every candidate is a small change of; an evaluator may use it to share work (see prefix reuse).
+Evaluate = Callable[[Sequence[Assignment], int, np.random.Generator, "Assignment | None"], Sequence[float]]
 STATE_VERSION = 1
 
 
@@ -79,7 +82,7 @@ def multi_step_selection(
     for stage, (keep, num_tokens) in enumerate(zip(survivors, tokens)):
         if stage == len(survivors) - 1 and elite is not None:
             pool.append(elite)
-        scores = [float(s) for s in evaluate(pool, num_tokens, rng)]
+        scores = [float(s) for s in evaluate(pool, num_tokens, rng, elite)]
         used += num_tokens * len(pool)
         order = sorted(range(len(pool)), key=lambda i: scores[i])  # stable: ties keep the earlier candidate
         pool = [pool[i] for i in order[:keep]]

@@ -1,0 +1,75 @@
+"""Scoring a selection stage's candidates on the model: swaps, prefix reuse, and sharing across processes."""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import numpy as np
+
+from .distributed import ProcessGroup
+from .fitness import FitnessEvaluator, draw_minibatch
+from .methods import CompressionMethod
+from .search import Assignment
+
+__all__ = ["CandidateScorer"]
+
+
+class CandidateScorer:
+    """The search's `evaluate`: puts each candidate in place and scores it on one fresh minibatch.
+
+    Args:
+        method: puts the model in a candidate's state (`set_levels`) and says which block each unit is in.
+        evaluator: the fitness, with the dense outputs cached.
+        group: the processes sharing the candidates (each scores every `world_size`-th one).
+        reuse_prefix: run each candidate from its first block that differs from the reference (the parent).
+    """
+
+    def __init__(self, method: CompressionMethod, evaluator: FitnessEvaluator, group: ProcessGroup,
+                 reuse_prefix: bool = True) -> None:
+        self.method, self.evaluator, self.group = method, evaluator, group
+        self.unit_blocks = method.unit_blocks() if reuse_prefix else None
+        self.num_blocks = len(evaluator.layers) if evaluator.layers is not None else 0
+        self.swap_seconds = 0.0
+
+    def _set(self, assignment: Sequence[int]) -> None:
+        start = time.perf_counter()
+        self.method.set_levels(assignment)
+        self.swap_seconds += time.perf_counter() - start
+
+    def _first_changed_block(self, candidate: Sequence[int], reference: Sequence[int]) -> int:
+        changed = [self.unit_blocks[u] for u, (a, b) in enumerate(zip(candidate, reference)) if a != b]
+        return min(changed, default=self.num_blocks)
+
+    def __call__(self, candidates: Sequence[Assignment], num_tokens: int, rng: np.random.Generator,
+                 reference: Assignment | None = None) -> list[float]:
+        # Every process draws the same minibatch and scores its share of the candidates.
+        batch = draw_minibatch(self.evaluator.num_sequences, self.evaluator.sequence_length, num_tokens, rng)
+        mine = list(range(self.group.rank, len(candidates), self.group.world_size))
+        starts = dict.fromkeys(mine, 0)
+        if reference is not None and self.unit_blocks is not None and self.num_blocks:
+            reference = tuple(reference)
+            starts = {index: self._first_changed_block(candidates[index], reference) for index in mine}
+            scored_anyway = any(tuple(candidates[index]) == reference for index in mine)
+            # Keeping the reference's block inputs costs a forward pass unless the reference is scored anyway.
+            if sum(starts.values()) <= (0 if scored_anyway else self.num_blocks):
+                reference = None
+        else:
+            reference = None
+        scores: dict[int, float] = {}
+        reference_score = None
+        if reference is not None:
+            self._set(reference)
+            reference_score = self.evaluator.record_prefix(batch)
+        try:
+            for index in mine:
+                if reference is not None and tuple(candidates[index]) == reference:
+                    scores[index] = reference_score
+                    continue
+                self._set(candidates[index])
+                scores[index] = self.evaluator.score(batch, starts[index] if reference is not None else 0)
+        finally:
+            self.evaluator.clear_prefix()
+        for part in self.group.all_gather(scores):
+            scores.update(part)
+        return [scores[index] for index in range(len(candidates))]
