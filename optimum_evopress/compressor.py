@@ -194,13 +194,11 @@ class EvoPressCompressor:
         clock = time.perf_counter()
         evaluate = CandidateScorer(method, evaluator, group, config.reuse_prefix)
         final_tokens = max(search_settings.tokens_per_selection)
-        # A `resume_from` that is also the `checkpoint_path` and does not exist yet starts a fresh search.
-        resume_from = config.resume_from if config.resume_from and os.path.isfile(config.resume_from) else None
         with torch.no_grad():
             if config.search == "evolution":
                 found = evolutionary_search(space, evaluate, search_settings,
-                                            checkpoint_path=config.checkpoint_path if group.is_main else None,
-                                            resume_from=resume_from, progress=progress,
+                                            checkpoint_path=config.checkpoint_path, write_state=group.is_main,
+                                            resume_from=config.resume_from, progress=progress,
                                             seeds=method.initial_assignments(space),
                                             context=self._search_context(config, data, method))
             elif config.search == "random":
@@ -276,8 +274,15 @@ class EvoPressCompressor:
     def _prepare_model(self, config: EvoPressConfig) -> None:
         device = self.group.resolve_device(config.device)
         dtype = _DTYPES.get(config.dtype)
-        if getattr(self.model, "hf_device_map", None) is None:
-            self.model.to(device)
+        if getattr(self.model, "hf_device_map", None) is not None:
+            # Dispatched by accelerate (`device_map`): the model stays where it is; offloaded layers keep their
+            # weights on the CPU or disk, and the methods swap them through their hooks.
+            loaded = next(self.model.parameters()).dtype
+            if dtype is not None and dtype != loaded:
+                raise ValueError(f"EvoPressConfig.dtype: a model loaded with device_map keeps its dtype ({loaded}); "
+                                 f"load it with dtype={dtype} or leave EvoPressConfig.dtype unset")
+            return
+        self.model.to(device)
         if dtype is not None:
             # Non-persistent float buffers (rotary `inv_freq`) keep their dtype, as when `from_pretrained`
             # loads the model in `dtype`: so the compressed model computes what its reloaded checkpoint does.

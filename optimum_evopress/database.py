@@ -17,12 +17,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from .records import differences, write_atomically
 
 __all__ = ["VariantDatabase", "MANIFEST_NAME", "PROGRESS_NAME", "tensor_fingerprint"]
 
@@ -56,11 +57,9 @@ def _layer_file(name: str) -> str:
 
 
 def _check_settings(directory: str, stored: dict[str, Any], settings: dict[str, Any], what: str) -> None:
-    wanted = json.loads(json.dumps(settings))
-    differences = sorted(key for key in set(stored) | set(wanted) if stored.get(key) != wanted.get(key))
-    if differences:
-        detail = "; ".join(f"{key}: database has {stored.get(key)!r}, asked for {wanted.get(key)!r}"
-                           for key in differences)
+    differing = differences(stored, settings)
+    if differing:
+        detail = "; ".join(f"{key}: database has {old!r}, asked for {new!r}" for key, (old, new) in differing.items())
         raise ValueError(f"{what} {directory!r} was built with other settings ({detail}); use another "
                          "database_dir or delete this one to rebuild")
 
@@ -77,19 +76,6 @@ def _read_record(directory: str, name: str, what: str) -> dict[str, Any]:
         raise ValueError(f"{what} {directory!r}: format version {version}, this release reads {FORMAT_VERSION}; "
                          "rebuild it in an empty directory")
     return record
-
-
-def _write_atomically(path: str, suffix: str, write: Callable[[str], None]) -> None:
-    """Calls `write(temporary path)` next to `path`, then renames it over `path`; no partial file is left."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 class VariantDatabase:
@@ -124,7 +110,7 @@ class VariantDatabase:
         if self.directory is not None and self.writable:
             os.makedirs(self.directory, exist_ok=True)
             path = os.path.join(self.directory, _layer_file(name))
-            _write_atomically(path, ".safetensors", lambda tmp: save_file(tensors, tmp))
+            write_atomically(path, lambda tmp: save_file(tensors, tmp), ".safetensors")
             self._files[name] = {"file": _layer_file(name), "sha256": _file_sha256(path),
                                  "bytes": os.path.getsize(path)}
             self._write_record(PROGRESS_NAME)
@@ -154,7 +140,7 @@ class VariantDatabase:
             with open(tmp, "w", encoding="utf-8") as handle:
                 json.dump(record, handle, indent=1, sort_keys=True)
 
-        _write_atomically(os.path.join(self.directory, name), ".json", write)
+        write_atomically(os.path.join(self.directory, name), write, ".json")
 
     @classmethod
     def start(cls, settings: dict[str, Any], directory: str | os.PathLike | None = None,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -19,6 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..records import differences, write_atomically
 from .space import Assignment, LevelSpace, level_switch_mutation
 
 __all__ = ["SearchSettings", "SearchResult", "Evaluate", "evolutionary_search", "multi_step_selection"]
@@ -100,12 +100,11 @@ def _new_rngs(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
 
 
 def _write_state(path: str, state: dict[str, Any]) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".evopress-state-", dir=directory)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(state, handle)
-    os.replace(tmp, path)
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(state, handle)
+
+    write_atomically(path, write, ".json")
 
 
 def _read_state(path: str, space: LevelSpace, settings: SearchSettings, context: dict[str, Any]) -> dict[str, Any]:
@@ -118,11 +117,9 @@ def _read_state(path: str, space: LevelSpace, settings: SearchSettings, context:
         raise ValueError(f"resume_from: {path!r} is not an EvoPress search state (version {state.get('version')!r})")
     if state.get("space") != space.fingerprint():
         raise ValueError(f"resume_from: {path!r} was written for another model, method or budget")
-    stored = state.get("context", {})
-    wanted = json.loads(json.dumps(context))
-    differences = sorted(key for key in set(stored) | set(wanted) if stored.get(key) != wanted.get(key))
-    if differences:
-        raise ValueError(f"resume_from: {path!r} was written for another run; it differs in {differences}")
+    differing = differences(state.get("context", {}), context)
+    if differing:
+        raise ValueError(f"resume_from: {path!r} was written for another run; it differs in {list(differing)}")
     saved = dict(state.get("settings", {}))
     current = settings.to_dict()
     # More generations may be asked for on resume; everything else must match.
@@ -145,6 +142,7 @@ def evolutionary_search(
     progress: bool = True,
     seeds: Sequence[Assignment] = (),
     context: dict[str, Any] | None = None,
+    write_state: bool = True,
 ) -> SearchResult:
     """Runs the (1+lambda) evolutionary search of EvoPress on `space`.
 
@@ -168,6 +166,8 @@ def evolutionary_search(
             bit-width target); the pool still holds `initial_candidates` in total.
         context: JSON values the state must have been written with to be resumed (e.g. fingerprints of the
             calibration data and the fitness); a state from another run is refused naming what differs.
+        write_state: False in processes that follow the main one of a distributed run: they resume from
+            `checkpoint_path` like it, but leave the writing to it.
     """
     context = dict(context or {})
     for seed_assignment in seeds:
@@ -229,7 +229,7 @@ def evolutionary_search(
         )
         history.append({"generation": generation + 1, "fitness": parent_fitness, "tokens": used,
                         "seconds": time.perf_counter() - start_time})
-        if checkpoint_path is not None:
+        if checkpoint_path is not None and write_state:
             _write_state(checkpoint_path, {
                 "version": STATE_VERSION,
                 "space": space.fingerprint(),
