@@ -71,6 +71,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
             compress.add_argument(flag, type=int, default=None, help=help_text)
         else:
             compress.add_argument(flag, default=None, help=help_text)
+    _add_device_map_arguments(compress)
     compress.add_argument("--quiet", action="store_true", help="no progress bars")
 
     evaluate = commands.add_parser("evaluate", help="perplexity of a model on held-out text (and lm-eval tasks)",
@@ -107,6 +108,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     export.add_argument("--format", choices=["compressed-tensors", "gptq"], default=None,
                         help="quantization checkpoint format (see `compress --help`)")
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    _add_device_map_arguments(export)
     export.add_argument("--quiet", action="store_true", help="no progress bars")
 
     push = commands.add_parser(
@@ -121,6 +123,14 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     push.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the saved login)")
     push.add_argument("--revision", default=None, help="branch to commit to")
     push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+
+
+def _add_device_map_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device-map", default=None,
+                        help="load the model with accelerate's device_map (`auto`, `balanced`, `sequential`, or a "
+                             "JSON object of module: device) to spread a model larger than one GPU over several "
+                             "GPUs, the CPU and disk")
+    parser.add_argument("--offload-folder", default=None, help="where --device-map offloads weights to disk")
 
 
 _UNSET = "none"
@@ -154,7 +164,7 @@ def _config_from_args(args: argparse.Namespace) -> Any:
     return EvoPressConfig(**values)
 
 
-def _load(model_name: str, dtype: str | None = None):
+def _load(model_name: str, dtype: str | None = None, args: argparse.Namespace | None = None):
     import torch  # noqa: PLC0415
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
@@ -162,7 +172,19 @@ def _load(model_name: str, dtype: str | None = None):
 
     path = resolve_model_path(model_name)
     torch_dtype = getattr(torch, dtype) if dtype and dtype != "auto" else "auto"
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype), AutoTokenizer.from_pretrained(path)
+    placement = {}
+    device_map = getattr(args, "device_map", None)
+    if device_map is not None:
+        if device_map.lstrip().startswith("{"):
+            try:
+                device_map = json.loads(device_map)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"--device-map: not a JSON object ({err})") from err
+        placement = {"device_map": device_map, "offload_folder": args.offload_folder}
+    elif getattr(args, "offload_folder", None) is not None:
+        raise ValueError("--offload-folder needs --device-map")
+    return (AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **placement),
+            AutoTokenizer.from_pretrained(path))
 
 
 def _compress(args: argparse.Namespace) -> int:
@@ -174,7 +196,7 @@ def _compress(args: argparse.Namespace) -> int:
     # Under torchrun every process runs this command; the main one reports.
     echo = print if current_group(config.device).is_main else (lambda *args, **kwargs: None)
     check_output_dir(args.output, args.overwrite)
-    model, tokenizer = _load(args.model, config.dtype)
+    model, tokenizer = _load(args.model, config.dtype, args)
     compressor = EvoPressCompressor(model, tokenizer)
     echo(f"EvoPress {config.method} on {args.model}: target {config.target}, search {config.search!r}, "
           f"preset {config.preset!r}" + (" (small CPU preset: short sequences, few generations)"
@@ -239,7 +261,7 @@ def _export(args: argparse.Namespace) -> int:
         base = base or record.get("base_model")
     if not base:
         raise ValueError("export: --model is needed: the checkpoint does not name its base model")
-    model, tokenizer = _load(base, config.dtype)
+    model, tokenizer = _load(base, config.dtype, args)
     compressor = EvoPressCompressor(model, tokenizer)
     compressor.apply(levels, config=config, progress=not args.quiet)
     compressor.save_pretrained(args.output, overwrite=args.overwrite, format=args.format)

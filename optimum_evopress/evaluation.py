@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import load_texts, tokenize_to_sequences
+from .models import input_device
 
 __all__ = ["perplexity", "evaluate_perplexity", "check_lm_eval", "run_lm_eval"]
 
@@ -19,7 +20,7 @@ def perplexity(model: torch.nn.Module, sequences: torch.Tensor, batch_size: int 
     """exp(mean next-token negative log-likelihood) of `model` over token sequences `[n, length]`."""
     if sequences.ndim != 2 or sequences.shape[1] < 2 or len(sequences) == 0:
         raise ValueError(f"perplexity needs at least one sequence of >= 2 tokens, got shape {tuple(sequences.shape)}")
-    device = next(model.parameters()).device
+    device = input_device(model)
     total, count = 0.0, 0
     for start in tqdm(range(0, len(sequences), batch_size), desc="perplexity", disable=not progress):
         batch = sequences[start:start + batch_size].to(device)

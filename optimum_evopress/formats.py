@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .models import stored_weight
+
 __all__ = ["quantization_config", "save_compressed_tensors", "attach_compressed_tensors_saving", "save_gptq",
            "check_gptq_export", "GPTQ_BITS", "read_levels_file", "write_levels_file", "load_levels", "SCALE_BUFFER"]
 
@@ -54,7 +56,7 @@ def compressed_state_dict(model: torch.nn.Module, layer_bits: dict[str, int], gr
         module = model.get_submodule(name)
         scheme = QuantizationScheme(targets=[name], weights=QuantizationArgs(**_scheme_args(bits, group_size)))
         packed = PackedQuantizationCompressor.compress(
-            {"weight": module.weight.detach(), "weight_scale": getattr(module, SCALE_BUFFER)}, scheme)
+            {"weight": stored_weight(module).detach(), "weight_scale": getattr(module, SCALE_BUFFER)}, scheme)
         del state[f"{name}.weight"]
         state.update({f"{name}.{key}": value.contiguous() for key, value in packed.items()})
     return state
@@ -123,11 +125,12 @@ def gptq_state_dict(model: torch.nn.Module, layer_bits: dict[str, int], group_si
     state = dict(model.state_dict())
     for name, bits in layer_bits.items():
         module = model.get_submodule(name)
-        out_features, in_features = module.weight.shape
+        weight = stored_weight(module)
+        out_features, in_features = weight.shape
         size = group_size or in_features
         scale = getattr(module, SCALE_BUFFER).to(torch.float16).float()
         # Our integers, exactly: the in-memory weight is q * scale rounded once to the model's dtype.
-        q = torch.round(module.weight.double() / getattr(module, SCALE_BUFFER).double().repeat_interleave(size, 1))
+        q = torch.round(weight.double() / getattr(module, SCALE_BUFFER).double().repeat_interleave(size, 1))
         zero = 2 ** (bits - 1)
         # (q + zero) * scale is exact in float32 (8-bit integers times 11-bit fp16 mantissas), so the
         # packer's round((W + zero * scale) / scale) recovers q + zero exactly.

@@ -1,17 +1,20 @@
-"""Where the decoder blocks of a transformers causal LM live, and the built-in offline model."""
+"""Where the decoder blocks of a transformers causal LM live, its weights under accelerate offloading, and the
+built-in offline model."""
 
 from __future__ import annotations
 
 import importlib.util
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 __all__ = ["DecoderArchitecture", "ARCHITECTURES", "find_decoder", "DEFAULT_MODEL", "load_default_model",
-           "resolve_model_path"]
+           "resolve_model_path", "input_device", "is_offloaded", "stored_weight", "set_weight"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +66,61 @@ def find_decoder(model: nn.Module) -> tuple[str, nn.ModuleList, DecoderArchitect
     if isinstance(layers, nn.ModuleList) and len(layers) > 0:
         return "model.layers", layers, ARCHITECTURES[model_type]
     raise ValueError(f"[evopress] no decoder blocks found in {type(model).__name__}: expected `model.layers`")
+
+
+# --------------------------------------------------------------------------- device_map and offloading
+# A model loaded with `device_map` (accelerate) has hooks that move each module's inputs to its execution device.
+# A module offloaded to "cpu" or "disk" holds its parameters on the meta device; its hook loads them from its
+# `weights_map` before each forward pass. Weights are swapped there for such modules.
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where the model's input ids go: its embedding's (execution) device."""
+    embedding = model.get_input_embeddings()
+    device = getattr(getattr(embedding, "_hf_hook", None), "execution_device", None)
+    if device is not None:
+        return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    return embedding.weight.device
+
+
+def is_offloaded(module: nn.Module) -> bool:
+    """Whether accelerate keeps `module`'s own parameters offloaded and loads them for each forward pass."""
+    from accelerate.utils import has_offloaded_params  # noqa: PLC0415
+
+    return has_offloaded_params(module)
+
+
+class _WeightOverride(Mapping):
+    """An offloaded module's weights as its hook loads them, with `weight` replaced."""
+
+    def __init__(self, base: Mapping, weight: torch.Tensor) -> None:
+        self.base, self.weight = base, weight
+
+    def __getitem__(self, key: str) -> Any:
+        return self.weight if key == "weight" else self.base[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
+def stored_weight(module: nn.Module) -> torch.Tensor:
+    """The weight a layer computes with: its parameter's data, or for an offloaded layer what its hook loads."""
+    if is_offloaded(module):
+        return module._hf_hook.weights_map["weight"]
+    return module.weight.data
+
+
+def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    """Makes a layer compute with `weight` (no copy): as its parameter's data, or through its offload hook."""
+    if is_offloaded(module):
+        hook = module._hf_hook
+        base = hook.weights_map.base if isinstance(hook.weights_map, _WeightOverride) else hook.weights_map
+        hook.weights_map = _WeightOverride(base, weight)
+    else:
+        module.weight.data = weight
 
 
 # --------------------------------------------------------------------------- built-in model

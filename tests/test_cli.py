@@ -117,6 +117,27 @@ def test_prune_from_the_shell(tiny_checkpoint, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_quantize_a_model_offloaded_to_disk_from_the_shell(tiny_checkpoint, tmp_path):
+    """`--device-map` loads the model through accelerate (here blocks 4 and 5 on disk); the result equals the
+    whole model's."""
+    model, text = tiny_checkpoint
+    quantize = ["--model", model, "--calibration-dataset", text, "--method", "quantization", "--target", "3",
+                "--bits", "2", "3", "4", "--group-size", "16", *SMALL]
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
+                  **{f"model.layers.{i}": "disk" if i >= 4 else "cpu" for i in range(6)}}
+    offloaded = evopress("compress", *quantize, "--device-map", json.dumps(device_map), "--offload-folder",
+                         tmp_path / "offload", "--output", tmp_path / "offloaded")
+    assert offloaded.returncode == 0, offloaded.stderr
+    whole = evopress("compress", *quantize, "--output", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr
+    records = [json.loads((tmp_path / name / "evopress_config.json").read_text()) for name in ("offloaded", "whole")]
+    assert records[0]["levels"] == records[1]["levels"]
+    assert [row["fitness"] for row in records[0]["history"]] == [row["fitness"] for row in records[1]["history"]]
+    bad = evopress("compress", *quantize, "--offload-folder", tmp_path / "offload", "--output", tmp_path / "bad")
+    assert bad.returncode == 2 and "--offload-folder needs --device-map" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 def test_export_applies_a_checkpoints_levels_to_the_base_model_without_a_search(tiny_checkpoint, tmp_path):
     from transformers import AutoModelForCausalLM
 

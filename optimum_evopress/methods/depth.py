@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import find_decoder
+from ..models import find_decoder, input_device
 from ..search.baselines import rank_to_assignment
 from ..search.space import Assignment, LevelSpace
 from .base import CompressionMethod, register_method
@@ -220,7 +220,7 @@ class DepthPruning(CompressionMethod):
         influence = torch.zeros(n_units, dtype=torch.float64)
         window = torch.zeros(n_units - window_size + 1, dtype=torch.float64)
         tokens = 0
-        device = next(self.model.parameters()).device
+        device = input_device(self.model)
         try:
             for start in range(0, len(calibration), self.config.batch_size):
                 self.model(input_ids=calibration[start:start + self.config.batch_size].to(device), use_cache=False)

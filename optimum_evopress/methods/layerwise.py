@@ -7,7 +7,9 @@ by block, accumulates every layer's Hessian from its inputs (layers that read th
 one), and asks the method to `solve` all of a layer's variants from it; the variants go to a
 `VariantDatabase` (memory, or a directory later runs reuse). With sequential calibration each block
 sees the outputs of the earlier blocks already compressed at the calibration level. During the
-search a layer is put at a level by pointing its weight at the decoded variant (no copy).
+search a layer is put at a level by pointing its weight at the decoded variant (no copy). Layers that
+accelerate offloads (`device_map` with "cpu" or "disk") keep their variants on the CPU, and their hook
+loads the current one for each forward pass.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from tqdm.auto import tqdm
 from ..database import VariantDatabase, tensor_fingerprint
 from ..distributed import balanced_shares
 from ..gptq import HessianAccumulator
-from ..models import find_decoder
+from ..models import find_decoder, input_device, is_offloaded, set_weight, stored_weight
 from ..search.space import Assignment, LevelSpace
 from .base import CompressionMethod
 
@@ -65,6 +67,12 @@ class LayerwiseMethod(CompressionMethod):
                     raise TypeError(
                         f"[evopress:{self.name}] module {name!r} ({type(module).__name__}) holds a 2-D weight but "
                         f"is not an nn.Linear, and no adapter compresses it")
+        stranded = [name for name, module in self.linears.items()
+                    if module.weight.device.type == "meta" and not is_offloaded(module)]
+        if stranded:
+            raise ValueError(f"[evopress:{self.name}] layer {stranded[0]!r} has no weight (meta device) and no "
+                             "accelerate offload hook that loads one; load the model with real weights or with a "
+                             "device_map")
         self.units = self._units()
         self.num_weights = sum(m.weight.numel() for m in self.linears.values())
         self.database: VariantDatabase | None = None
@@ -87,8 +95,13 @@ class LayerwiseMethod(CompressionMethod):
         raise NotImplementedError
 
     def decode(self, name: str, key: Hashable) -> torch.Tensor:
-        """The weight of layer `name` at level `key`, from the database, in the layer's dtype and device."""
+        """The weight of layer `name` at level `key`, from the database, in the layer's dtype on `weight_device`."""
         raise NotImplementedError
+
+    def weight_device(self, name: str) -> torch.device:
+        """Where layer `name` keeps its weights: its device, or the CPU when accelerate offloads it."""
+        module = self.linears[name]
+        return torch.device("cpu") if is_offloaded(module) else module.weight.device
 
     def calibration_key(self, name: str) -> Hashable | None:
         """The level each layer takes for sequential calibration (None: the next block sees dense outputs)."""
@@ -146,9 +159,10 @@ class LayerwiseMethod(CompressionMethod):
 
     # ------------------------------------------------------------------ database
     def database_settings(self, calibration: torch.Tensor) -> dict[str, Any]:
+        """What the variants depend on (called in `build`, once the dense weights are taken)."""
         return {
             "method": self.name, **self.method_settings(),
-            "model": tensor_fingerprint(m.weight for m in self.linears.values()),
+            "model": tensor_fingerprint(self._dense[name] for name in self.linears),
             "layers": len(self.linears),
             "calibration": tensor_fingerprint([calibration]),
         }
@@ -162,7 +176,7 @@ class LayerwiseMethod(CompressionMethod):
         return self.variant_bytes() < psutil.virtual_memory().available / 2
 
     def build(self, calibration: torch.Tensor, progress: bool = True) -> None:
-        self._dense = {name: module.weight.data for name, module in self.linears.items()}
+        self._dense = {name: stored_weight(module) for name, module in self.linears.items()}
         settings = self.database_settings(calibration)
         directory = self.config.database_dir
         in_memory = self.variants_fit_in_memory()
@@ -195,8 +209,7 @@ class LayerwiseMethod(CompressionMethod):
             logger.warning("%d calibration tokens for layers with up to %d inputs: the Hessians are rank-deficient "
                            "and the variants generalise poorly; use several times more tokens than inputs",
                            calibration.numel(), widest)
-        device = next(self.model.parameters()).device
-        inputs = self._first_block_inputs(calibration, device)
+        inputs = self._first_block_inputs(calibration, input_device(self.model))
         for i, block in enumerate(tqdm(self.layers, desc=f"{self.name} database", disable=not progress)):
             names = [name for name in self.linears if self.block_of[name] == i]
             if all(self.database.has_layer(name) for name in names):
@@ -216,7 +229,7 @@ class LayerwiseMethod(CompressionMethod):
                         return
                     owner[name] = name
                     last[0], last[1] = x, name
-                    accumulators.setdefault(name, HessianAccumulator(x.shape[-1], device)).add_batch(x)
+                    accumulators.setdefault(name, HessianAccumulator(x.shape[-1], x.device)).add_batch(x)
                 return record
 
             handles = [self.linears[name].register_forward_pre_hook(hook(name)) for name in names]
@@ -239,7 +252,8 @@ class LayerwiseMethod(CompressionMethod):
             solved = {}
             for index in share:
                 name = todo[index]
-                tensors, errors = self.solve(name, self.linears[name].weight, hessians[owner[name]])
+                hessian = hessians[owner[name]]  # on the block's execution device
+                tensors, errors = self.solve(name, self._dense[name].to(hessian.device), hessian)
                 solved[name] = ({key: value.cpu() for key, value in tensors.items()}, errors)
             for part in self.group.all_gather(solved):
                 solved.update(part)
@@ -259,12 +273,12 @@ class LayerwiseMethod(CompressionMethod):
             keys = {name: self.calibration_key(name) for name in names}
             for name, key in keys.items():
                 if key is not None:
-                    self.linears[name].weight.data = self.decode(name, key)
+                    set_weight(self.linears[name], self.decode(name, key))
             try:
                 outputs = [self._run_block(block, hidden, extra) for hidden, extra in inputs]
             finally:
                 for name in names:
-                    self.linears[name].weight.data = self._dense[name]
+                    set_weight(self.linears[name], self._dense[name])
         return [(out, extra) for out, (_, extra) in zip(outputs, inputs)]
 
     def _first_block_inputs(self, calibration: torch.Tensor, device: torch.device) -> list[tuple[torch.Tensor, Any]]:
@@ -298,13 +312,13 @@ class LayerwiseMethod(CompressionMethod):
         for name, key in self._layer_keys_of(assignment).items():
             if self._current[name] != key:
                 weight = self._variants[name][key] if self._variants else self.decode(name, key)
-                self.linears[name].weight.data = weight
+                set_weight(self.linears[name], weight)
                 self._current[name] = key
 
     def reset(self) -> None:
         for name, module in self.linears.items():
             if self._current[name] is not None:
-                module.weight.data = self._dense[name]
+                set_weight(module, self._dense[name])
                 self._current[name] = None
 
     def unit_errors(self) -> list[list[float]]:

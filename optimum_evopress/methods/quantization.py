@@ -17,6 +17,7 @@ from torch import nn
 
 from ..formats import SCALE_BUFFER, attach_compressed_tensors_saving
 from ..gptq import dequantize, gptq_quantize
+from ..models import stored_weight
 from ..search.space import Assignment, LevelSpace
 from .base import register_method
 from .layerwise import FUSED_GROUPS, LayerwiseMethod
@@ -159,7 +160,7 @@ class Quantization(LayerwiseMethod):
         packed = self.database.tensor(name, f"{bits}.packed")
         scale = self.database.tensor(name, f"{bits}.scale")
         q = unpack_from_int32(packed, bits, torch.Size(module.weight.shape))
-        return dequantize(q, scale, module.weight.dtype).to(module.weight.device)
+        return dequantize(q, scale, module.weight.dtype).to(self.weight_device(name))
 
     def assignment_from_levels(self, levels: dict[str, Any], space: LevelSpace) -> Assignment:
         """Accepts bits per unit or per linear layer (the reference format); members of a unit must agree."""
@@ -198,7 +199,7 @@ class Quantization(LayerwiseMethod):
         """Registers each layer's scales; `save_pretrained` then writes compressed-tensors."""
         for name, bits in layer_bits.items():
             module = self.linears[name]
-            scale = self.database.tensor(name, f"{bits}.scale").to(module.weight.device)
+            scale = self.database.tensor(name, f"{bits}.scale").to(self.weight_device(name))
             module.register_buffer(SCALE_BUFFER, scale, persistent=False)
         self.model.config.evopress = {
             "method": "quantization",
@@ -209,7 +210,7 @@ class Quantization(LayerwiseMethod):
         }
         if self.config.keep_zeros:
             self.model.config.evopress["layer_sparsity"] = {
-                name: float((self.linears[name].weight == 0).float().mean()) for name in layer_bits}
+                name: float((stored_weight(self.linears[name]) == 0).float().mean()) for name in layer_bits}
         attach_compressed_tensors_saving(self.model)
 
     # ------------------------------------------------------------------ baselines

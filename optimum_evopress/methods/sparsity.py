@@ -155,7 +155,7 @@ class Sparsity(LayerwiseMethod):
         module = self.linears[name]
         weight = decode_sparse(self.database.tensor(name, f"{key}.mask"), self.database.tensor(name, f"{key}.values"),
                                module.weight.shape)
-        return weight.to(module.weight.device)
+        return weight.to(self.weight_device(name))
 
     # ------------------------------------------------------------------ results
     def assignment_from_levels(self, levels: dict[str, Any], space: LevelSpace) -> Assignment:
