@@ -11,10 +11,13 @@ must reach the same fitness values:
   variant is read from its file on disk (and decoded) for every candidate, and every candidate runs the
   whole model (`database_in_memory=False, reuse_prefix=False`).
 
-Depth pruning has no variants to read, so it has no `reference` row. Prints a table, writes JSON
-(default benchmarks/results/search_speed.json). Ratios compare runs of one invocation only.
+Depth pruning has no variants to read, so it has no `reference` row. The search starts from one
+candidate (`initial_candidates=1`, which scores nothing), so the search time is the generations'
+time. Per mode: seconds per generation, the shares of forward passes, fitness arithmetic, swaps and
+everything else, and the decoder-block work per generation (tokens × blocks run). Prints a table,
+writes JSON (default benchmarks/results/search_speed.json). Ratios compare runs of one invocation only.
 
-    python benchmarks/search_speed.py                               # all methods, 3 generations each
+    python benchmarks/search_speed.py                               # all methods, 4 generations each
     python benchmarks/search_speed.py --methods sparsity --generations 5 --dtype float32
 """
 
@@ -27,6 +30,7 @@ import torch
 from common import parse_overrides, write_json
 
 from optimum_evopress import EvoPressCompressor, EvoPressConfig
+from optimum_evopress.methods import get_method_class
 from optimum_evopress.models import load_default_model
 
 METHODS = {"depth": 0.25, "quantization": 3.0, "sparsity": 0.6}
@@ -41,20 +45,36 @@ PARTS = ("forward", "fitness", "swap", "other")
 def measure(method: str, mode: str, args: argparse.Namespace, tokenizer) -> dict:
     model, _ = load_default_model(getattr(torch, args.dtype))
     settings = dict(method=method, target=METHODS[method], preset="cpu", generations=args.generations,
-                    evaluation_tokens=0, seed=args.seed, device=args.device, reuse_prefix=MODES[mode]["reuse_prefix"])
+                    initial_candidates=1, evaluation_tokens=0, seed=args.seed, device=args.device,
+                    reuse_prefix=MODES[mode]["reuse_prefix"])
     if method != "depth":
         settings.update(database_dir=os.path.join(args.database_root, f"{method}-{args.dtype}"),
                         database_in_memory=MODES[mode]["database_in_memory"], **EXTRA.get(method, {}))
     settings.update(parse_overrides(args.set))
+    config = EvoPressConfig(**settings)
+    # Decoder-block work: tokens through each real block (the blocks prefix reuse skips are swapped out).
+    block_tokens = [0]
+    def count(module, args, output):
+        block_tokens[0] += (output[0] if isinstance(output, tuple) else output).shape[:-1].numel()
+
+    hooks = [block.register_forward_hook(count) for block in model.model.layers]
     compressor = EvoPressCompressor(model, tokenizer)
-    compressor.compress(EvoPressConfig(**settings), progress=False)
+    compressor.compress(config, progress=False)
+    for hook in hooks:
+        hook.remove()
     timings = compressor.result.timings
-    generations = len(compressor.result.history) - 1
+    history = compressor.result.history
+    generations = len(history) - 1
+    # The dense outputs were computed once, through every block, on all calibration tokens.
+    calibration_tokens = config.resolved_search_settings(
+        get_method_class(method).default_settings(config.preset))["calibration_tokens"]
+    search_block_tokens = block_tokens[0] - len(model.model.layers) * calibration_tokens
     parts = {"forward": timings["search_forward"], "fitness": timings["search_fitness"], "swap": timings["search_swap"]}
     parts["other"] = timings["search"] - sum(parts.values())
     # The initial pool (generation 0) is scored too; per-generation figures divide the whole search.
     row = {"method": method, "mode": mode, "generations": generations, "search_seconds": timings["search"],
-           "seconds_per_generation": timings["search"] / max(generations, 1),
+           "seconds_per_generation": sum(r["seconds"] for r in history[1:]) / max(generations, 1),
+           "block_tokens_per_generation": search_block_tokens / max(generations, 1),
            "tokens": sum(r["tokens"] for r in compressor.result.history),
            "fitness": [r["fitness"] for r in compressor.result.history], "levels": compressor.result.levels}
     for part in PARTS:
@@ -66,7 +86,7 @@ def measure(method: str, mode: str, args: argparse.Namespace, tokenizer) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--generations", type=int, default=3)
+    parser.add_argument("--generations", type=int, default=4)
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=JSON",
                         help="override EvoPressConfig fields, e.g. --set offspring=8 'tokens_per_selection=[256,1024]'")
     parser.add_argument("--dtype", default="float32", help="float32 on CPUs without fast bfloat16, bfloat16 on GPUs")
@@ -83,15 +103,18 @@ def main() -> None:
             rows.append(measure(method, mode, args, tokenizer))
             print(f"{method:>12} {mode:>12}: {rows[-1]['seconds_per_generation']:.2f} s/generation", flush=True)
 
-    print("\n| method | mode | s/generation | forward | fitness | swap | other | time / ours | same fitness |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| method | mode | s/generation | forward | fitness | swap | other | block work / ours | time / ours "
+          "| same fitness |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         ours = next(r for r in rows if r["method"] == row["method"] and r["mode"] == "ours")
         row["time_over_ours"] = row["seconds_per_generation"] / ours["seconds_per_generation"]
+        row["block_work_over_ours"] = row["block_tokens_per_generation"] / ours["block_tokens_per_generation"]
         row["same_fitness_as_ours"] = row["fitness"] == ours["fitness"] and row["levels"] == ours["levels"]
         print(f"| {row['method']} | {row['mode']} | {row['seconds_per_generation']:.2f} | "
               + " | ".join(f"{100 * row[f'{part}_share']:.1f}%" for part in PARTS)
-              + f" | {row['time_over_ours']:.2f}x | {'yes' if row['same_fitness_as_ours'] else 'NO'} |")
+              + f" | {row['block_work_over_ours']:.2f}x | {row['time_over_ours']:.2f}x | "
+              f"{'yes' if row['same_fitness_as_ours'] else 'NO'} |")
     write_json(args.output, {"rows": rows, "settings": vars(args),
                              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"})
 

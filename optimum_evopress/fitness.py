@@ -36,11 +36,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .models import input_device
+
 __all__ = ["Minibatch", "draw_minibatch", "FitnessEvaluator", "teacher_cache_bytes", "prefix_cache_budget"]
 
 # A minibatch is a list of (calibration sequence index, number of leading tokens used).
 Minibatch = list[tuple[int, int]]
-_KL_CHUNK_CPU, _KL_CHUNK_ACCELERATOR = 64, 8192
+_KL_CHUNK_CPU, _KL_CHUNK_ACCELERATOR = 16, 8192
 
 
 def draw_minibatch(num_sequences: int, sequence_length: int, num_tokens: int, rng: np.random.Generator) -> Minibatch:
@@ -150,7 +152,7 @@ class FitnessEvaluator:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return input_device(self.model)
 
     @property
     def num_sequences(self) -> int:
@@ -300,19 +302,21 @@ class FitnessEvaluator:
             nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
             return float(nll), targets.numel()
         if self.kind == "kl":
-            probs = self.teacher_probs[index, :length].flatten(0, 1)
-            entropy = self.teacher_entropy[index, :length].flatten().to(device)
-            mass = self.teacher_mass[index, :length].flatten().to(device)
-            logits = logits.flatten(0, 1)
             total = torch.zeros((), device=device)
-            # Small chunks of tokens keep the float16 -> float32 conversion in the CPU's cache.
+            # Each sequence's cached rows are read in place (a view, no gathered copy), in chunks of tokens small
+            # enough that a chunk's logits and float32 probabilities stay in the CPU's cache for both passes.
             chunk = _KL_CHUNK_CPU if device.type == "cpu" else _KL_CHUNK_ACCELERATOR
-            for start in range(0, logits.shape[0], chunk):
-                z = logits[start:start + chunk]
-                p = probs[start:start + chunk].to(device, torch.float32, non_blocking=True)
-                cross = torch.bmm(p.unsqueeze(1), z.unsqueeze(2)).flatten()
-                total += (entropy[start:start + chunk] - cross + mass[start:start + chunk] * torch.logsumexp(z, -1)).sum()
-            return float(total), logits.shape[0]
+            for row, sequence in enumerate(index.tolist()):
+                probs = self.teacher_probs[sequence, :length]
+                entropy = self.teacher_entropy[sequence, :length].to(device)
+                mass = self.teacher_mass[sequence, :length].to(device)
+                for start in range(0, length, chunk):
+                    z = logits[row, start:start + chunk]
+                    p = probs[start:start + chunk].to(device, torch.float32, non_blocking=True)
+                    cross = torch.linalg.vecdot(p, z)
+                    total += (entropy[start:start + chunk] - cross
+                              + mass[start:start + chunk] * torch.logsumexp(z, -1)).sum()
+            return float(total), len(index) * length
         values = self.teacher_values[index, :length].to(device)
         indices = self.teacher_indices[index, :length].to(device, torch.long)
         student = logits.gather(-1, indices) - torch.logsumexp(logits, -1, keepdim=True)
