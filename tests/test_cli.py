@@ -29,6 +29,7 @@ SMALL = ["--sequence-length", "16", "--calibration-tokens", "256", "--evaluation
          "--initial-candidates", "2", "--quiet"]
 
 
+@pytest.mark.process
 def test_compress_and_evaluate_from_the_shell(tiny_checkpoint, tmp_path):
     model, text = tiny_checkpoint
     out = tmp_path / "out"
@@ -47,6 +48,7 @@ def test_compress_and_evaluate_from_the_shell(tiny_checkpoint, tmp_path):
     assert json.loads(evaluated.stdout.strip().splitlines()[-1])["perplexity"] > 1
 
 
+@pytest.mark.process
 def test_quantize_from_the_shell_then_apply_a_levels_file(tiny_checkpoint, tmp_path):
     model, text = tiny_checkpoint
     out = tmp_path / "out"
@@ -103,6 +105,7 @@ def test_group_size_none_and_booleans_parse_into_the_config():
         build_parser().parse_args(["compress", "--output", "x", "--group-size", "sixty"])
 
 
+@pytest.mark.process
 def test_prune_from_the_shell(tiny_checkpoint, tmp_path):
     model, text = tiny_checkpoint
     done = evopress("compress", "--model", model, "--calibration-dataset", text, "--method", "sparsity", "--target",
@@ -117,6 +120,7 @@ def test_prune_from_the_shell(tiny_checkpoint, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.process
 def test_quantize_a_model_offloaded_to_disk_from_the_shell(tiny_checkpoint, tmp_path):
     """`--device-map` loads the model through accelerate (here blocks 4 and 5 on disk); the result equals the
     whole model's."""
@@ -138,6 +142,7 @@ def test_quantize_a_model_offloaded_to_disk_from_the_shell(tiny_checkpoint, tmp_
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.process
 def test_export_applies_a_checkpoints_levels_to_the_base_model_without_a_search(tiny_checkpoint, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -164,6 +169,7 @@ def test_export_applies_a_checkpoints_levels_to_the_base_model_without_a_search(
     assert wrong.returncode == 2 and not (tmp_path / "bad").exists()
 
 
+@pytest.mark.process
 def test_every_command_has_help_with_examples_in_both_clis():
     for command in ("compress", "evaluate", "export", "push"):
         done = evopress(command, "--help")
@@ -175,6 +181,7 @@ def test_every_command_has_help_with_examples_in_both_clis():
     assert "optimum-cli evopress compress --preset cpu" in optimum.stdout
 
 
+@pytest.mark.process
 def test_optimum_cli_runs_the_same_commands_with_the_same_exit_codes(tiny_checkpoint, tmp_path):
     model, text = tiny_checkpoint
     run = [sys.executable, "-c", "from optimum.commands.optimum_cli import main; main()", "evopress"]
@@ -187,6 +194,7 @@ def test_optimum_cli_runs_the_same_commands_with_the_same_exit_codes(tiny_checkp
     assert bad.returncode == 2 and "optimum-cli evopress: error: EvoPressConfig.target" in bad.stderr
 
 
+@pytest.mark.process
 def test_push_from_the_shell(tiny_checkpoint, tmp_path):
     from hub_server import HubServer
 

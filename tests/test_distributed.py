@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import corpus, logits, make_model
@@ -49,6 +50,7 @@ def test_single_process_group_is_local():
     assert ProcessGroup(1, 2, 1).resolve_device("cuda") == "cuda:1"
 
 
+@pytest.mark.process
 def test_two_processes_build_and_search_like_one(tokenizer, tmp_path):
     values = settings(database_dir=str(tmp_path / "db"), checkpoint_path=str(tmp_path / "search.json"), device="cpu")
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -84,6 +86,7 @@ def test_two_processes_build_and_search_like_one(tokenizer, tmp_path):
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]
 
 
+@pytest.mark.process
 def test_cli_under_torchrun_writes_one_checkpoint(tokenizer, tmp_path):
     base = tmp_path / "base"
     make_model(num_layers=4).save_pretrained(base)

@@ -68,6 +68,7 @@ def run_child(tmp_path, values, kill_after_layer=0, kill_before_score=0):
     return process, (json.loads(output.read_text()) if output.exists() else None)
 
 
+@pytest.mark.process
 def test_killed_database_build_and_search_resume_to_the_uninterrupted_result(tokenizer, tmp_path):
     reference = EvoPressCompressor(make_model(num_layers=4), tokenizer)
     reference.compress(EvoPressConfig(**settings(database_dir=str(tmp_path / "reference_db"))), progress=False)
