@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -205,12 +205,12 @@ class FitnessEvaluator:
         boundaries = [b for b in range(1, len(self.layers)) if stride and b % stride == 0]
         stores: list[dict[int, torch.Tensor]] = []
 
-        def forward(indices: list[int], length: int, group: int) -> torch.Tensor:
+        def forward(input_ids: torch.Tensor, group: int) -> torch.Tensor:
             store: dict[int, torch.Tensor] = {}
             stores.append(store)
             recorders = {b - 1: _Recorder(self.layers[b - 1], store, b) for b in boundaries}
             with self._swapped_blocks(recorders):
-                return self._logits(self.sequences[torch.tensor(indices), :length])
+                return self._logits(input_ids)
 
         value = self._score(batch, forward)
         self._prefix = stores
@@ -266,24 +266,25 @@ class FitnessEvaluator:
             kept = [b for b in (self._prefix[0] if self._prefix else {}) if b <= start_block]
             resume = max(kept, default=0)
         if resume == 0:
-            return self._score(batch, lambda indices, length, group: self._logits(
-                self.sequences[torch.tensor(indices), :length]))
+            return self._score(batch, lambda input_ids, group: self._logits(input_ids))
 
-        def forward(indices: list[int], length: int, group: int) -> torch.Tensor:
+        def forward(input_ids: torch.Tensor, group: int) -> torch.Tensor:
             replacements: dict[int, nn.Module] = {i: _Passthrough() for i in range(resume - 1)}
             replacements[resume - 1] = _Replay(self._prefix[group][resume])
             with self._swapped_blocks(replacements):
-                return self._logits(self.sequences[torch.tensor(indices), :length])
+                return self._logits(input_ids)
 
         return self._score(batch, forward, resume)
 
-    def _score(self, batch: Minibatch, forward, first_block: int = 0) -> float:
+    def _score(self, batch: Minibatch, forward: Callable[[torch.Tensor, int], torch.Tensor],
+               first_block: int = 0) -> float:
+        """Mean fitness over `batch`; `forward(input_ids, group number)` gives each forward group's logits."""
         if self.kind != "ppl" and self.teacher_probs is None and self.teacher_values is None:
             raise RuntimeError("call cache_teacher() before score()")
         total, count = 0.0, 0
         for group, (indices, length) in enumerate(self._groups(batch)):
             index = torch.tensor(indices)
-            logits = forward(indices, length, group)
+            logits = forward(self.sequences[index, :length], group)
             if self.layers is not None:
                 self.blocks_run += len(self.layers) - first_block
             start = time.perf_counter()

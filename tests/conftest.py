@@ -64,6 +64,12 @@ def make_model(model_type: str = "llama", num_layers: int = 6, vocab_size: int =
     return model.eval()
 
 
+def disk_offload_map(offloaded, num_layers: int = 6) -> dict[str, str]:
+    """A `device_map` for `make_model` that offloads the blocks in `offloaded` to disk and keeps the rest on the CPU."""
+    return {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
+            **{f"model.layers.{i}": "disk" if i in offloaded else "cpu" for i in range(num_layers)}}
+
+
 def input_ids():
     """A fixed batch of token ids for comparing logits (vocabulary 320, as `make_model`)."""
     return torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import corpus, make_model
+from conftest import corpus, disk_offload_map, make_model
 
 
 @pytest.fixture(scope="module")
@@ -127,10 +127,8 @@ def test_quantize_a_model_offloaded_to_disk_from_the_shell(tiny_checkpoint, tmp_
     model, text = tiny_checkpoint
     quantize = ["--model", model, "--calibration-dataset", text, "--method", "quantization", "--target", "3",
                 "--bits", "2", "3", "4", "--group-size", "16", *SMALL]
-    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
-                  **{f"model.layers.{i}": "disk" if i >= 4 else "cpu" for i in range(6)}}
-    offloaded = evopress("compress", *quantize, "--device-map", json.dumps(device_map), "--offload-folder",
-                         tmp_path / "offload", "--output", tmp_path / "offloaded")
+    offloaded = evopress("compress", *quantize, "--device-map", json.dumps(disk_offload_map((4, 5))),
+                         "--offload-folder", tmp_path / "offload", "--output", tmp_path / "offloaded")
     assert offloaded.returncode == 0, offloaded.stderr
     whole = evopress("compress", *quantize, "--output", tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr

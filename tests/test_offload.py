@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import corpus, make_model, reload_in_fresh_process
+from conftest import corpus, disk_offload_map, make_model, reload_in_fresh_process
 from optimum_evopress import EvoPressCompressor, EvoPressConfig
 from optimum_evopress.models import is_offloaded
 
@@ -34,9 +34,8 @@ def saved_model(tmp_path_factory):
 
 
 def load_offloaded(path, offload_folder):
-    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
-                  **{f"model.layers.{i}": "disk" if i in OFFLOADED else "cpu" for i in range(6)}}
-    model = AutoModelForCausalLM.from_pretrained(path, device_map=device_map, offload_folder=str(offload_folder))
+    model = AutoModelForCausalLM.from_pretrained(path, device_map=disk_offload_map(OFFLOADED),
+                                                 offload_folder=str(offload_folder))
     assert is_offloaded(model.model.layers[OFFLOADED[0]].mlp.down_proj)
     assert model.model.layers[OFFLOADED[0]].mlp.down_proj.weight.device.type == "meta"
     return model.eval()

@@ -120,13 +120,12 @@ def _read_state(path: str, space: LevelSpace, settings: SearchSettings, context:
     differing = differences(state.get("context", {}), context)
     if differing:
         raise ValueError(f"resume_from: {path!r} was written for another run; it differs in {list(differing)}")
-    saved = dict(state.get("settings", {}))
-    current = settings.to_dict()
     # More generations may be asked for on resume; everything else must match.
-    saved.pop("generations", None)
-    current.pop("generations")
-    if saved != current:
-        raise ValueError(f"resume_from: {path!r} was written with other search settings: {saved} != {current}")
+    differing = differences(state.get("settings", {}), settings.to_dict())
+    differing.pop("generations", None)
+    if differing:
+        detail = "; ".join(f"{key}: state has {old!r}, asked for {new!r}" for key, (old, new) in differing.items())
+        raise ValueError(f"resume_from: {path!r} was written with other search settings ({detail})")
     parent = tuple(state["parent"])
     if not space.is_valid(parent):
         raise ValueError(f"resume_from: {path!r} holds an assignment that is not valid in this space")
