@@ -1,7 +1,7 @@
 """Where a generation's time goes: forward passes, fitness arithmetic, variant swaps, everything else.
 
 For each method, a short EvoPress search on SmolLM2-135M (cpu preset unless `--set` says otherwise)
-runs in three ways on the same database with the same seed, so all score the same candidates and
+runs in several ways on the same database with the same seed, so all score the same candidates and
 must reach the same fitness values:
 
 - `ours`: every variant is decoded once and a swap points the layer's weight at it (no copy), and each
@@ -11,14 +11,21 @@ must reach the same fitness values:
   variant is read from its file on disk (and decoded) for every candidate, and every candidate runs the
   whole model (`database_in_memory=False, reuse_prefix=False`).
 
-Depth pruning has no variants to read, so it has no `reference` row. The search starts from one
-candidate (`initial_candidates=1`, which scores nothing), so the search time is the generations'
-time. Per mode: seconds per generation, the shares of forward passes, fitness arithmetic, swaps and
+With `--fitness topk_kl_renormalized`, `ours` and `full forward` compute only the output-head rows at
+the teacher's top k, `reference` computes the whole head and gathers them, and a fourth run, `full head`,
+is `ours` with the whole head. Those values equal ours up to float rounding, so the table gives the
+largest relative difference of the fitness values next to whether the levels are the same.
+
+Depth pruning has no variants to read: with `kl` it has no `reference` row, with
+`topk_kl_renormalized` its `reference` differs from `full forward` in the head only. The search starts
+from one candidate (`initial_candidates=1`, which scores nothing), so the search time is the
+generations' time. Per mode: seconds per generation, the shares of forward passes, fitness arithmetic, swaps and
 everything else, and the decoder-block work per generation (tokens × blocks run). Prints a table,
 writes JSON (default benchmarks/results/search_speed.json). Ratios compare runs of one invocation only.
 
     python benchmarks/search_speed.py                               # all methods, 4 generations each
     python benchmarks/search_speed.py --methods sparsity --generations 5 --dtype float32
+    python benchmarks/search_speed.py --fitness topk_kl_renormalized --output benchmarks/results/speed_topk.json
 """
 
 from __future__ import annotations
@@ -30,15 +37,17 @@ import torch
 from common import parse_overrides, write_json
 
 from optimum_evopress import EvoPressCompressor, EvoPressConfig
+from optimum_evopress.fitness import FitnessEvaluator
 from optimum_evopress.methods import get_method_class
 from optimum_evopress.models import load_default_model
 
 METHODS = {"depth": 0.25, "quantization": 3.0, "sparsity": 0.6}
 # SmolLM2-135M: group size 64 divides every layer's input size (576 and 1536), as in benchmarks/quantization.py.
 EXTRA = {"quantization": {"group_size": 64}}
-MODES = {"ours": dict(database_in_memory=True, reuse_prefix=True),
-         "full forward": dict(database_in_memory=True, reuse_prefix=False),
-         "reference": dict(database_in_memory=False, reuse_prefix=False)}
+MODES = {"ours": dict(database_in_memory=True, reuse_prefix=True, head_rows=True),
+         "full forward": dict(database_in_memory=True, reuse_prefix=False, head_rows=True),
+         "full head": dict(database_in_memory=True, reuse_prefix=True, head_rows=False),
+         "reference": dict(database_in_memory=False, reuse_prefix=False, head_rows=False)}
 PARTS = ("forward", "fitness", "swap", "other")
 
 
@@ -46,7 +55,7 @@ def measure(method: str, mode: str, args: argparse.Namespace, tokenizer) -> dict
     model, _ = load_default_model(getattr(torch, args.dtype))
     settings = dict(method=method, target=METHODS[method], preset="cpu", generations=args.generations,
                     initial_candidates=1, evaluation_tokens=0, seed=args.seed, device=args.device,
-                    reuse_prefix=MODES[mode]["reuse_prefix"])
+                    reuse_prefix=MODES[mode]["reuse_prefix"], fitness=args.fitness)
     if method != "depth":
         settings.update(database_dir=os.path.join(args.database_root, f"{method}-{args.dtype}"),
                         database_in_memory=MODES[mode]["database_in_memory"], **EXTRA.get(method, {}))
@@ -59,7 +68,11 @@ def measure(method: str, mode: str, args: argparse.Namespace, tokenizer) -> dict
 
     hooks = [block.register_forward_hook(count) for block in model.model.layers]
     compressor = EvoPressCompressor(model, tokenizer)
-    compressor.compress(config, progress=False)
+    FitnessEvaluator.head_rows = MODES[mode]["head_rows"]
+    try:
+        compressor.compress(config, progress=False)
+    finally:
+        FitnessEvaluator.head_rows = True
     for hook in hooks:
         hook.remove()
     timings = compressor.result.timings
@@ -89,6 +102,7 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=4)
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=JSON",
                         help="override EvoPressConfig fields, e.g. --set offspring=8 'tokens_per_selection=[256,1024]'")
+    parser.add_argument("--fitness", default="kl", choices=["kl", "topk_kl", "topk_kl_renormalized"])
     parser.add_argument("--dtype", default="float32", help="float32 on CPUs without fast bfloat16, bfloat16 on GPUs")
     parser.add_argument("--device", default=None, help="default: CUDA when present")
     parser.add_argument("--seed", type=int, default=0)
@@ -99,22 +113,29 @@ def main() -> None:
     _, tokenizer = load_default_model()
     rows = []
     for method in args.methods:
-        for mode in (m for m in MODES if not (method == "depth" and m == "reference")):
+        # Depth pruning has no variants to read: its reference differs from `full forward` only in the head.
+        renormalized = args.fitness == "topk_kl_renormalized"
+        for mode in (m for m in MODES if not (method == "depth" and m == "reference" and not renormalized)
+                     and not (m == "full head" and not renormalized)):
             rows.append(measure(method, mode, args, tokenizer))
             print(f"{method:>12} {mode:>12}: {rows[-1]['seconds_per_generation']:.2f} s/generation", flush=True)
 
-    print("\n| method | mode | s/generation | forward | fitness | swap | other | block work / ours | time / ours "
-          "| same fitness |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"\nfitness: {args.fitness}")
+    print("| method | mode | s/generation | forward | fitness | swap | other | block work / ours | time / ours "
+          "| same levels | fitness difference |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         ours = next(r for r in rows if r["method"] == row["method"] and r["mode"] == "ours")
         row["time_over_ours"] = row["seconds_per_generation"] / ours["seconds_per_generation"]
         row["block_work_over_ours"] = row["block_tokens_per_generation"] / ours["block_tokens_per_generation"]
-        row["same_fitness_as_ours"] = row["fitness"] == ours["fitness"] and row["levels"] == ours["levels"]
+        row["same_levels_as_ours"] = row["levels"] == ours["levels"]
+        row["fitness_difference"] = max((abs(a - b) / abs(b) if b else abs(a))
+                                        for a, b in zip(row["fitness"], ours["fitness"], strict=True)
+                                        if a is not None and b is not None)
         print(f"| {row['method']} | {row['mode']} | {row['seconds_per_generation']:.2f} | "
               + " | ".join(f"{100 * row[f'{part}_share']:.1f}%" for part in PARTS)
               + f" | {row['block_work_over_ours']:.2f}x | {row['time_over_ours']:.2f}x | "
-              f"{'yes' if row['same_fitness_as_ours'] else 'NO'} |")
+              f"{'yes' if row['same_levels_as_ours'] else 'NO'} | {row['fitness_difference']:.1e} |")
     write_json(args.output, {"rows": rows, "settings": vars(args),
                              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"})
 

@@ -148,6 +148,9 @@ class EvoPressCompressor:
                       {name: tuple(m.weight.shape) for name, m in getattr(method, "linears", {}).items()})
         space = method.level_space()
         defaults = method.default_settings(config.preset, space)
+        vocab_size = getattr(self.model.config, "vocab_size", None)
+        if config.fitness.startswith("topk_kl") and vocab_size is not None and config.topk > vocab_size:
+            raise ValueError(f"EvoPressConfig.topk: the model's vocabulary holds {vocab_size} tokens, got {config.topk}")
         context = getattr(self.model.config, "max_position_embeddings", None)
         if context is not None:
             if config.sequence_length is not None and config.sequence_length > context:
@@ -173,6 +176,10 @@ class EvoPressCompressor:
         timings["data"] = time.perf_counter() - clock
 
         self.model.eval()
+        evaluator = FitnessEvaluator(self.model, data.calibration, config.fitness, config.topk, config.batch_size,
+                                     layers=find_decoder(self.model)[1])
+        if config.fitness == "topk_kl_renormalized":  # one short forward pass, before the database
+            evaluator.check_output_head()
         # The variants come first: a database built with other settings fails here, before dense outputs.
         clock = time.perf_counter()
         method.build(data.calibration, progress)
@@ -180,8 +187,6 @@ class EvoPressCompressor:
 
         baseline_perplexity = self._perplexity(data, config)
         clock = time.perf_counter()
-        evaluator = FitnessEvaluator(self.model, data.calibration, config.fitness, config.topk, config.batch_size,
-                                     layers=find_decoder(self.model)[1])
         needs_teacher = config.search in ("evolution", "brute_force", "one_at_a_time", *method.candidate_baselines) or (
             config.search == "random" and search_settings.initial_candidates > 1)
         if needs_teacher:
@@ -297,7 +302,7 @@ class EvoPressCompressor:
         """What a saved search state must match to be resumed, besides the space and the search settings."""
         context = {"calibration": tensor_fingerprint([data.calibration]), "fitness": config.fitness,
                    "model": self.base_model, "dtype": str(next(self.model.parameters()).dtype)}
-        if config.fitness == "topk_kl":
+        if config.fitness.startswith("topk_kl"):
             context["topk"] = config.topk
         database = getattr(method, "database", None)
         if database is not None:  # the variants' settings include a fingerprint of the model's weights

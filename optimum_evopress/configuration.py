@@ -11,7 +11,7 @@ from typing import Any
 __all__ = ["EvoPressConfig", "CONFIG_NAME", "FITNESS_KINDS", "PRESETS", "GENERIC_SEARCHES"]
 
 CONFIG_NAME = "evopress_config.json"
-FITNESS_KINDS = ("kl", "topk_kl", "ppl")
+FITNESS_KINDS = ("kl", "topk_kl", "topk_kl_renormalized", "ppl")
 PRESETS = ("paper", "cpu")
 # Searches that work for every method; methods may add their own baselines.
 GENERIC_SEARCHES = ("evolution", "random", "brute_force", "one_at_a_time", "fixed")
@@ -153,8 +153,10 @@ class EvoPressConfig:
     max_flips: int = field(
         default=3, metadata={"help": "Level switches per offspring: min(U(1, max_flips), U(1, max_flips))."}
     )
-    fitness: str = field(default="kl", metadata={"help": "`kl`, `topk_kl` or `ppl`."})
-    topk: int = field(default=128, metadata={"help": "Teacher probabilities kept per token for `topk_kl`."})
+    fitness: str = field(default="kl", metadata={
+        "help": "`kl`, `topk_kl` (memory-bounded), `topk_kl_renormalized` (memory-bounded, computes only k "
+                "output-head rows per token) or `ppl`."})
+    topk: int = field(default=128, metadata={"help": "Teacher probabilities kept per token for the top-k fitnesses."})
     calibration_dataset: Any = field(
         default="wikipedia",
         metadata={
@@ -235,6 +237,8 @@ class EvoPressConfig:
         for name in ("generations", "offspring", "initial_candidates", "max_flips", "topk", "calibration_tokens",
                      "batch_size"):
             _check_int(getattr(self, name), name)
+        if self.fitness == "topk_kl_renormalized":  # over one token both renormalised distributions are 1
+            _check_int(self.topk, "topk", minimum=2)
         _check_int(self.sequence_length, "sequence_length", minimum=2)
         _check_int(self.evaluation_tokens, "evaluation_tokens", minimum=0)
         _check_int(self.seed, "seed", minimum=0)

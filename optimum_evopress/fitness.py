@@ -1,4 +1,4 @@
-"""Fitness of a compressed model: KL divergence to the dense model, its top-k variant, or perplexity.
+"""Fitness of a compressed model: KL divergence to the dense model, two top-k variants, or perplexity.
 
 The dense model's outputs on the calibration set are computed once and cached on the CPU:
 
@@ -11,6 +11,12 @@ The dense model's outputs on the calibration set are computed once and cached on
   `8 * k` bytes per token whatever the vocabulary (k=128: 1 KiB per token, 1 GiB for 2^20 tokens).
   The remaining probability mass forms one extra bucket, so the value is the exact KL divergence
   between the two distributions coarsened to k+1 outcomes (a lower bound of the full KL).
+- `topk_kl_renormalized`: the same cache; the value is the KL divergence between the two distributions
+  conditioned on the dense model's top-k tokens S (both renormalised over S). It needs the student's
+  logits on S only, so the output head computes k of its rows per token instead of the whole vocabulary
+  (SmolLM2: 128 of 49,152). It is a different quantity: by the chain rule,
+  `KL(k+1 outcomes) = KL(P(S) || Q(S)) + P(S) KL(P|S || Q|S)`, so `P(S) x value <= topk_kl <= kl` per token;
+  what it does not see is student mass moved off S.
 - `ppl`: nothing is cached; the fitness is the mean next-token negative log-likelihood.
 
 All fitness values are means per token; lower is better.
@@ -36,13 +42,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .models import input_device
+from .configuration import FITNESS_KINDS
+from .models import input_device, is_offloaded, stored_weight
 
 __all__ = ["Minibatch", "draw_minibatch", "FitnessEvaluator", "teacher_cache_bytes", "prefix_cache_budget"]
 
 # A minibatch is a list of (calibration sequence index, number of leading tokens used).
 Minibatch = list[tuple[int, int]]
 _KL_CHUNK_CPU, _KL_CHUNK_ACCELERATOR = 16, 8192
+# Bytes of output-head rows `topk_kl_renormalized` gathers at once: on CPUs few enough to stay in cache
+# (SmolLM2: 56 tokens' rows), on accelerators enough to keep them busy.
+_HEAD_ROWS_CHUNK_CPU, _HEAD_ROWS_CHUNK_ACCELERATOR = 16 * 2**20, 256 * 2**20
 
 
 def draw_minibatch(num_sequences: int, sequence_length: int, num_tokens: int, rng: np.random.Generator) -> Minibatch:
@@ -69,7 +79,7 @@ def teacher_cache_bytes(kind: str, num_tokens: int, vocab_size: int, topk: int) 
     """Bytes the teacher cache takes for `num_tokens` calibration tokens."""
     if kind == "kl":
         return num_tokens * (vocab_size * 2 + 8)
-    if kind == "topk_kl":
+    if kind in ("topk_kl", "topk_kl_renormalized"):
         return num_tokens * topk * 8
     return 0
 
@@ -120,17 +130,21 @@ class FitnessEvaluator:
     Args:
         model: the causal LM; its current (possibly compressed) state is what `score` measures.
         sequences: calibration token ids, `[num_sequences, sequence_length]`.
-        kind: `kl`, `topk_kl` or `ppl`.
-        topk: values kept per token for `topk_kl`.
+        kind: `kl`, `topk_kl`, `topk_kl_renormalized` or `ppl`.
+        topk: values kept per token for the top-k kinds.
         batch_size: sequences per forward pass.
         layers: the model's decoder blocks (`model.model.layers`); enables prefix reuse.
         prefix_budget: bytes the kept block inputs may take (default: `prefix_cache_budget`).
     """
 
+    # `topk_kl_renormalized` computes only the output-head rows it needs; False computes every row and
+    # gathers them (the straightforward way, kept for benchmarks/search_speed.py).
+    head_rows = True
+
     def __init__(self, model: torch.nn.Module, sequences: torch.Tensor, kind: str = "kl", topk: int = 128,
                  batch_size: int = 8, layers: nn.ModuleList | None = None, prefix_budget: int | None = None) -> None:
-        if kind not in ("kl", "topk_kl", "ppl"):
-            raise ValueError(f"fitness must be one of ('kl', 'topk_kl', 'ppl'), got {kind!r}")
+        if kind not in FITNESS_KINDS:
+            raise ValueError(f"fitness must be one of {FITNESS_KINDS}, got {kind!r}")
         self.model = model
         self.sequences = sequences
         self.kind = kind
@@ -139,6 +153,7 @@ class FitnessEvaluator:
         self.teacher_probs: torch.Tensor | None = None
         self.teacher_entropy: torch.Tensor | None = None  # sum p log p per token (kl)
         self.teacher_mass: torch.Tensor | None = None  # sum p per token after float16 rounding (kl)
+        # Top-k log-probabilities (for `topk_kl_renormalized`: renormalised over the top k) and their token ids.
         self.teacher_values: torch.Tensor | None = None
         self.teacher_indices: torch.Tensor | None = None
         self.forward_seconds = 0.0
@@ -167,12 +182,68 @@ class FitnessEvaluator:
                    self.teacher_indices)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
+    @property
+    def _restricted_head(self) -> bool:
+        return self.kind == "topk_kl_renormalized" and self.head_rows
+
     @torch.no_grad()
     def _logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
         logits = self.model(input_ids=input_ids.to(self.device), use_cache=False).logits.float()
         self.forward_seconds += time.perf_counter() - start
         return logits
+
+    @torch.no_grad()
+    def _outputs(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """What a scored forward pass gives: the logits, or the last hidden states when only head rows are needed."""
+        if not self._restricted_head:
+            return self._logits(input_ids)
+        start = time.perf_counter()
+        hidden = self.model.model(input_ids=input_ids.to(self.device), use_cache=False).last_hidden_state
+        self.forward_seconds += time.perf_counter() - start
+        return hidden
+
+    @torch.no_grad()
+    def _head_rows(self, hidden: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The logits of the tokens `indices` ([..., k]) from the last hidden states ([..., hidden]), in float32."""
+        head = self.model.get_output_embeddings()
+        weight = stored_weight(head).to(hidden.device)
+        bias = head._hf_hook.weights_map.get("bias") if is_offloaded(head) else head.bias
+        k = indices.shape[-1]
+        flat_hidden, flat_indices = hidden.reshape(-1, hidden.shape[-1]), indices.reshape(-1, k)
+        rows = torch.empty(flat_indices.shape, dtype=torch.float32, device=hidden.device)
+        budget = _HEAD_ROWS_CHUNK_CPU if hidden.device.type == "cpu" else _HEAD_ROWS_CHUNK_ACCELERATOR
+        chunk = max(1, budget // (k * weight.shape[1] * weight.element_size()))
+        for start in range(0, len(flat_indices), chunk):
+            ids = flat_indices[start:start + chunk]
+            z = torch.matmul(F.embedding(ids, weight), flat_hidden[start:start + chunk].unsqueeze(-1)).squeeze(-1)
+            if bias is not None:
+                z = z + bias.to(z.device)[ids]
+            rows[start:start + chunk] = z
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap:
+            rows = torch.tanh(rows / cap) * cap
+        return rows.view(indices.shape)
+
+    @torch.no_grad()
+    def check_output_head(self) -> None:
+        """Checks that the output-head rows reproduce the model's logits, as `topk_kl_renormalized` needs.
+
+        Runs one short calibration sequence; raises a `ValueError` when the model transforms its logits in
+        a way the rows do not (for instance a logit scale), before any expensive work.
+        """
+        input_ids = self.sequences[:1, :32]
+        logits = self._logits(input_ids)
+        hidden = self.model.model(input_ids=input_ids.to(self.device), use_cache=False).last_hidden_state
+        indices = logits.topk(min(self.topk, logits.shape[-1]), dim=-1).indices
+        rows, expected = self._head_rows(hidden, indices), logits.gather(-1, indices)
+        tolerance = 0.02 * float(expected.abs().max())
+        if not torch.allclose(rows.to(expected.device), expected, rtol=0.02, atol=tolerance):
+            difference = float((rows.to(expected.device) - expected).abs().max())
+            raise ValueError(
+                f"fitness='topk_kl_renormalized' computes logits as output-head rows applied to the last hidden "
+                f"states, but for {type(self.model).__name__} they differ from the model's logits by up to "
+                f"{difference:.3g}; use fitness='topk_kl' or 'kl'")
 
     @contextlib.contextmanager
     def _swapped_blocks(self, replacements: dict[int, nn.Module]) -> Iterator[None]:
@@ -210,7 +281,7 @@ class FitnessEvaluator:
             stores.append(store)
             recorders = {b - 1: _Recorder(self.layers[b - 1], store, b) for b in boundaries}
             with self._swapped_blocks(recorders):
-                return self._logits(input_ids)
+                return self._outputs(input_ids)
 
         value = self._score(batch, forward)
         self._prefix = stores
@@ -224,6 +295,8 @@ class FitnessEvaluator:
         """Runs the dense model once over every calibration sequence and stores what the fitness needs."""
         if self.kind == "ppl":
             return
+        if self._restricted_head:
+            self.check_output_head()
         n = self.sequences.shape[0]
         chunks = []
         for start in tqdm(range(0, n, self.batch_size), desc="dense outputs", disable=not progress):
@@ -234,6 +307,8 @@ class FitnessEvaluator:
                 chunks.append((probs.cpu(), (rounded * logprobs).sum(-1).cpu(), rounded.sum(-1).cpu()))
             else:
                 values, indices = logprobs.topk(self.topk, dim=-1)
+                if self.kind == "topk_kl_renormalized":
+                    values = values - torch.logsumexp(values, -1, keepdim=True)
                 chunks.append((values.cpu(), indices.to("cpu", torch.int32)))
         if self.kind == "kl":
             self.teacher_probs, self.teacher_entropy, self.teacher_mass = (torch.cat(c) for c in zip(*chunks))
@@ -266,13 +341,13 @@ class FitnessEvaluator:
             kept = [b for b in (self._prefix[0] if self._prefix else {}) if b <= start_block]
             resume = max(kept, default=0)
         if resume == 0:
-            return self._score(batch, lambda input_ids, group: self._logits(input_ids))
+            return self._score(batch, lambda input_ids, group: self._outputs(input_ids))
 
         def forward(input_ids: torch.Tensor, group: int) -> torch.Tensor:
             replacements: dict[int, nn.Module] = {i: _Passthrough() for i in range(resume - 1)}
             replacements[resume - 1] = _Replay(self._prefix[group][resume])
             with self._swapped_blocks(replacements):
-                return self._logits(input_ids)
+                return self._outputs(input_ids)
 
         return self._score(batch, forward, resume)
 
@@ -287,6 +362,11 @@ class FitnessEvaluator:
             logits = forward(self.sequences[index, :length], group)
             if self.layers is not None:
                 self.blocks_run += len(self.layers) - first_block
+            if self.kind == "topk_kl_renormalized":  # the student's logits on the teacher's top k (head work)
+                start = time.perf_counter()
+                indices = self.teacher_indices[index, :length].to(logits.device, torch.long)
+                logits = self._head_rows(logits, indices) if self.head_rows else logits.gather(-1, indices)
+                self.forward_seconds += time.perf_counter() - start
             start = time.perf_counter()
             value, tokens = self._metric(logits, index, length)
             total += value
@@ -319,6 +399,10 @@ class FitnessEvaluator:
                               + mass[start:start + chunk] * torch.logsumexp(z, -1)).sum()
             return float(total), len(index) * length
         values = self.teacher_values[index, :length].to(device)
+        if self.kind == "topk_kl_renormalized":  # `logits` holds the student's logits on the teacher's top k
+            student = logits - torch.logsumexp(logits, -1, keepdim=True)
+            kl = (values.exp() * (values - student)).sum(-1)
+            return float(kl.sum()), kl.numel()
         indices = self.teacher_indices[index, :length].to(device, torch.long)
         student = logits.gather(-1, indices) - torch.logsumexp(logits, -1, keepdim=True)
         probs = values.exp()

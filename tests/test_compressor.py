@@ -62,7 +62,7 @@ def test_brute_force_is_at_least_as_good_as_every_other_assignment(tokenizer):
     assert compressor.result.fitness is not None and compressor.result.fitness > 0
 
 
-@pytest.mark.parametrize("fitness", ["kl", "topk_kl", "ppl"])
+@pytest.mark.parametrize("fitness", ["kl", "topk_kl", "topk_kl_renormalized", "ppl"])
 def test_every_fitness_runs_and_the_search_is_deterministic(tokenizer, fitness):
     levels = []
     for _ in range(2):
@@ -115,6 +115,28 @@ def test_model_without_decoder_blocks_fails_first(tokenizer, no_data_loading):
             small_config())
     with pytest.raises(TypeError, match="PreTrainedModel"):
         EvoPressCompressor("not a model")
+
+
+def test_topk_beyond_the_vocabulary_fails_first(tokenizer, no_data_loading):
+    with pytest.raises(ValueError, match="topk: the model's vocabulary holds 320 tokens, got 400"):
+        EvoPressCompressor(make_model(), tokenizer).compress(small_config(fitness="topk_kl", topk=400))
+
+
+def test_renormalized_topk_kl_on_a_model_with_scaled_logits_fails_before_the_database(tokenizer, tmp_path):
+    model = make_model()
+    plain_forward = type(model).forward
+
+    def scaled_forward(self, *args, **kwargs):
+        out = plain_forward(self, *args, **kwargs)
+        out.logits = out.logits * 3
+        return out
+
+    model.forward = scaled_forward.__get__(model)
+    config = small_config(method="sparsity", target=0.5, fitness="topk_kl_renormalized", topk=8,
+                          database_dir=str(tmp_path / "db"))
+    with pytest.raises(ValueError, match="topk_kl_renormalized.*differ from the model's logits"):
+        EvoPressCompressor(model, tokenizer).compress(config, save_dir=tmp_path / "out", progress=False)
+    assert not (tmp_path / "db").exists() and not (tmp_path / "out").exists()
 
 
 def test_unreachable_target_fails_first(tokenizer, no_data_loading):

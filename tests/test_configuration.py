@@ -27,6 +27,7 @@ def test_round_trip_through_dict_json_and_directory(tmp_path):
     [
         (dict(method="pruning"), "method"),
         (dict(fitness="mse"), "fitness"),
+        (dict(fitness="topk_kl_renormalized", topk=1), "topk"),
         (dict(target=0.0), "target"),
         (dict(target=1.0), "target"),
         (dict(target=-0.2), "target"),

@@ -62,6 +62,79 @@ def test_topk_kl_is_a_lower_bound_that_becomes_exact_with_the_whole_vocabulary(s
     assert scores[320] == pytest.approx(full, rel=1e-3)
 
 
+def reference_renormalized_kl(teacher_logits, student_logits, k):
+    """KL divergence of the two distributions conditioned on the teacher's top k tokens, from full logits."""
+    top = teacher_logits.double().topk(k, -1).indices
+    p = F.log_softmax(teacher_logits.double().gather(-1, top), -1)
+    q = F.log_softmax(student_logits.double().gather(-1, top), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("model_type, overrides", [("llama", {}), ("llama", {"tie_word_embeddings": True}),
+                                                   ("gemma3_text", {"final_logit_softcapping": 2.0})])
+def test_renormalized_topk_kl_reads_only_head_rows_and_equals_the_conditional_kl(model_type, overrides):
+    model = make_model(model_type, **overrides)
+    with torch.no_grad():
+        dense_logits = model(input_ids=SEQUENCES).logits
+    method = DepthPruning(model, EvoPressConfig(target=0.34))
+    batch = [(i, 16) for i in range(6)] + [(2, 7)]
+    evaluator = FitnessEvaluator(model, SEQUENCES, "topk_kl_renormalized", topk=8, batch_size=4,
+                                 layers=model.model.layers)
+    evaluator.cache_teacher(progress=False)
+    assert evaluator.cache_bytes() == teacher_cache_bytes("topk_kl_renormalized", SEQUENCES.numel(), 320, 8)
+    assert abs(evaluator.score(batch)) < 1e-5
+    method.set_levels((0, 1, 0, 1, 0, 0))
+    # The full output head never runs while scoring: only its rows at the teacher's top k are read.
+    calls = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda *args: calls.append(1))
+    value = evaluator.score(batch)
+    hook.remove()
+    assert calls == []
+    with torch.no_grad():
+        student_logits = model(input_ids=SEQUENCES).logits
+    expected = reference_renormalized_kl(dense_logits, student_logits, 8)
+    assert expected > 0.01
+    assert evaluator.score(batch[:6]) == pytest.approx(expected, rel=1e-4)
+    assert value == pytest.approx((6 * 16 * expected + 7 * reference_renormalized_kl(
+        dense_logits[2, :7], student_logits[2, :7], 8)) / (6 * 16 + 7), rel=1e-4)
+    # Weighted by the teacher's top-k mass it is a lower bound of the full KL divergence, per token.
+    top = dense_logits.topk(8, -1).indices
+    mass = F.softmax(dense_logits.double(), -1).gather(-1, top).sum(-1)
+    p = F.log_softmax(dense_logits.double().gather(-1, top), -1)
+    q = F.log_softmax(student_logits.double().gather(-1, top), -1)
+    conditional = (p.exp() * (p - q)).sum(-1)
+    full = (F.softmax(dense_logits.double(), -1) * (F.log_softmax(dense_logits.double(), -1)
+                                                    - F.log_softmax(student_logits.double(), -1))).sum(-1)
+    assert bool((mass * conditional <= full + 1e-9).all())
+    # Computing every head row and gathering (the straightforward way) gives the same value; so does prefix reuse.
+    method.set_levels((0, 0, 0, 1, 0, 0))
+    evaluator.record_prefix(batch)
+    resumed = evaluator.score(batch, start_block=3)
+    assert resumed == evaluator.score(batch)
+    FitnessEvaluator.head_rows = False
+    try:
+        assert evaluator.score(batch) == pytest.approx(resumed, rel=1e-5)
+    finally:
+        FitnessEvaluator.head_rows = True
+
+
+def test_renormalized_topk_kl_refuses_a_model_whose_logits_are_not_its_head_rows():
+    model = make_model()
+    plain_forward = type(model).forward
+
+    def scaled_forward(self, *args, **kwargs):  # a logit scale the output head does not apply
+        out = plain_forward(self, *args, **kwargs)
+        out.logits = out.logits * 3
+        return out
+
+    model.forward = scaled_forward.__get__(model)
+    evaluator = FitnessEvaluator(model, SEQUENCES, "topk_kl_renormalized", topk=8)
+    with pytest.raises(ValueError, match="differ from the model's logits.*fitness='topk_kl'"):
+        evaluator.check_output_head()
+    with pytest.raises(ValueError, match="differ from the model's logits"):
+        evaluator.cache_teacher(progress=False)
+
+
 def test_perplexity_fitness_is_the_mean_negative_log_likelihood(setup):
     model, _, method = setup
     method.set_levels((1, 0, 0, 0, 0, 1))

@@ -84,3 +84,20 @@ def test_meta_weights_without_an_offload_hook_are_refused(tokenizer):
         model = make_model()
     with pytest.raises(ValueError, match=r"has no weight \(meta device\) and no accelerate offload hook"):
         EvoPressCompressor(model, tokenizer).compress(config("sparsity"), progress=False)
+
+
+def test_renormalized_topk_kl_reads_the_rows_of_an_offloaded_output_head(saved_model, tmp_path):
+    from optimum_evopress.fitness import FitnessEvaluator
+    from optimum_evopress.methods import DepthPruning
+
+    device_map = {**disk_offload_map(OFFLOADED), "lm_head": "disk"}
+    offloaded = AutoModelForCausalLM.from_pretrained(saved_model, device_map=device_map,
+                                                     offload_folder=str(tmp_path / "offload")).eval()
+    assert is_offloaded(offloaded.lm_head) and offloaded.lm_head.weight.device.type == "meta"
+    scores = []
+    for model in (AutoModelForCausalLM.from_pretrained(saved_model).eval(), offloaded):
+        evaluator = FitnessEvaluator(model, IDS, "topk_kl_renormalized", topk=8, layers=model.model.layers)
+        evaluator.cache_teacher(progress=False)
+        DepthPruning(model, config("depth")).set_levels((0, 1, 0, 0, 1, 0))
+        scores.append(evaluator.score([(0, 20), (1, 12)]))
+    assert scores[0] > 0.01 and scores[1] == scores[0]
