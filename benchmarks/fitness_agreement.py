@@ -7,7 +7,9 @@ and `topk_kl_renormalized` on the same calibration tokens (the cpu preset's fina
 - `neighbours`: offspring of one parent, 1 to 3 level switches away (what selection compares later).
 
 Per method, pool and fitness: Spearman's rank correlation with `kl`, the share of candidate pairs put in the
-same order as `kl`, whether the best candidate is the same, and the seconds per candidate. Prints a table,
+same order as `kl`, whether the best candidate is the same, and the seconds per candidate. The row
+`kl, other tokens` scores `kl` on as many other calibration tokens: how far `kl` agrees with itself across
+minibatches, the noise every selection stage lives with. Prints a table,
 writes JSON (default benchmarks/results/fitness_agreement.json).
 
     python benchmarks/fitness_agreement.py
@@ -33,6 +35,7 @@ from optimum_evopress.search.space import level_switch_mutation
 
 METHODS = {"depth": 0.25, "sparsity": 0.6}
 KINDS = ("kl", "topk_kl", "topk_kl_renormalized")
+OTHER_TOKENS = "kl, other tokens"
 
 
 def ranks(values: list[float]) -> np.ndarray:
@@ -78,28 +81,33 @@ def main() -> None:
         method = method_cls(model, config)
         space = method.level_space()
         resolved = config.resolved_search_settings(method_cls.default_settings(config.preset, space))
-        data = prepare_token_data(config.calibration_dataset, tokenizer, resolved["sequence_length"],
-                                  resolved["calibration_tokens"], seed=args.seed)
+        length, calibration_tokens = resolved["sequence_length"], resolved["calibration_tokens"]
+        count = args.tokens // length
+        if not 0 < 2 * count * length <= calibration_tokens:
+            raise ValueError(f"--tokens: whole sequences of {length}, at most half the calibration set "
+                             f"({calibration_tokens // 2}), got {args.tokens}")
+        data = prepare_token_data(config.calibration_dataset, tokenizer, length, calibration_tokens, seed=args.seed)
         method.build(data.calibration, progress=False)
-        length = data.calibration.shape[1]
-        batch = [(i, length) for i in range(args.tokens // length)]
+        batch = [(i, length) for i in range(count)]
+        other_batch = [(count + i, length) for i in range(count)]
         candidates = pools(space, args.candidates, np.random.default_rng(args.seed))
         scores = {pool: {} for pool in candidates}
         seconds = {pool: {} for pool in candidates}
-        for kind in KINDS:
+        for kind, tokens in [(kind, batch) for kind in KINDS] + [(OTHER_TOKENS, other_batch)]:
             method.reset()
-            evaluator = FitnessEvaluator(model, data.calibration[:len(batch)], kind, args.topk, batch_size=8)
+            evaluator = FitnessEvaluator(model, data.calibration[:2 * count], kind.split(",")[0], args.topk,
+                                         batch_size=8)
             evaluator.cache_teacher(progress=False)
             for pool, assignments in candidates.items():
                 evaluator.forward_seconds = evaluator.metric_seconds = 0.0
                 scores[pool][kind] = []
                 for assignment in assignments:
                     method.set_levels(assignment)
-                    scores[pool][kind].append(evaluator.score(batch))
+                    scores[pool][kind].append(evaluator.score(tokens))
                 seconds[pool][kind] = (evaluator.forward_seconds + evaluator.metric_seconds) / len(assignments)
         method.reset()
         for pool in candidates:
-            for kind in KINDS:
+            for kind in (*KINDS, OTHER_TOKENS):
                 values = scores[pool][kind]
                 rows.append({"method": name, "pool": pool, "fitness": kind, "scores": values,
                              "seconds_per_candidate": seconds[pool][kind], **agreement(values, scores[pool]["kl"])})
