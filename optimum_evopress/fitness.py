@@ -364,8 +364,8 @@ class FitnessEvaluator:
                 self.blocks_run += len(self.layers) - first_block
             if self.kind == "topk_kl_renormalized":  # the student's logits on the teacher's top k (head work)
                 start = time.perf_counter()
-                indices = self.teacher_indices[index, :length].to(logits.device, torch.long)
-                logits = self._head_rows(logits, indices) if self.head_rows else logits.gather(-1, indices)
+                top = self.teacher_indices[index, :length].to(logits.device, torch.long)
+                logits = self._head_rows(logits, top) if self.head_rows else logits.gather(-1, top)
                 self.forward_seconds += time.perf_counter() - start
             start = time.perf_counter()
             value, tokens = self._metric(logits, index, length)
