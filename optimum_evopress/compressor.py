@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .configuration import EvoPressConfig
+from .configuration import TOPK_FITNESS_KINDS, EvoPressConfig
 from .data import TokenData, prepare_token_data
 from .database import tensor_fingerprint
 from .distributed import ProcessGroup, current_group
@@ -149,7 +149,7 @@ class EvoPressCompressor:
         space = method.level_space()
         defaults = method.default_settings(config.preset, space)
         vocab_size = getattr(self.model.config, "vocab_size", None)
-        if config.fitness.startswith("topk_kl") and vocab_size is not None and config.topk > vocab_size:
+        if config.fitness in TOPK_FITNESS_KINDS and vocab_size is not None and config.topk > vocab_size:
             raise ValueError(f"EvoPressConfig.topk: the model's vocabulary holds {vocab_size} tokens, got {config.topk}")
         context = getattr(self.model.config, "max_position_embeddings", None)
         if context is not None:
@@ -302,7 +302,7 @@ class EvoPressCompressor:
         """What a saved search state must match to be resumed, besides the space and the search settings."""
         context = {"calibration": tensor_fingerprint([data.calibration]), "fitness": config.fitness,
                    "model": self.base_model, "dtype": str(next(self.model.parameters()).dtype)}
-        if config.fitness.startswith("topk_kl"):
+        if config.fitness in TOPK_FITNESS_KINDS:
             context["topk"] = config.topk
         database = getattr(method, "database", None)
         if database is not None:  # the variants' settings include a fingerprint of the model's weights

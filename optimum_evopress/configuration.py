@@ -12,6 +12,7 @@ __all__ = ["EvoPressConfig", "CONFIG_NAME", "FITNESS_KINDS", "PRESETS", "GENERIC
 
 CONFIG_NAME = "evopress_config.json"
 FITNESS_KINDS = ("kl", "topk_kl", "topk_kl_renormalized", "ppl")
+TOPK_FITNESS_KINDS = ("topk_kl", "topk_kl_renormalized")  # those that cache the teacher's top k
 PRESETS = ("paper", "cpu")
 # Searches that work for every method; methods may add their own baselines.
 GENERIC_SEARCHES = ("evolution", "random", "brute_force", "one_at_a_time", "fixed")

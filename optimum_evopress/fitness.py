@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .configuration import FITNESS_KINDS
+from .configuration import FITNESS_KINDS, TOPK_FITNESS_KINDS
 from .models import input_device, is_offloaded, stored_weight
 
 __all__ = ["Minibatch", "draw_minibatch", "FitnessEvaluator", "teacher_cache_bytes", "prefix_cache_budget"]
@@ -79,7 +79,7 @@ def teacher_cache_bytes(kind: str, num_tokens: int, vocab_size: int, topk: int) 
     """Bytes the teacher cache takes for `num_tokens` calibration tokens."""
     if kind == "kl":
         return num_tokens * (vocab_size * 2 + 8)
-    if kind in ("topk_kl", "topk_kl_renormalized"):
+    if kind in TOPK_FITNESS_KINDS:
         return num_tokens * topk * 8
     return 0
 
@@ -163,6 +163,7 @@ class FitnessEvaluator:
         # Per forward group of the recorded minibatch: {block index: that block's input}.
         self._prefix: list[dict[int, torch.Tensor]] | None = None
         self._prefix_batch: Minibatch | None = None
+        self._head_checked = False  # check_output_head() passed
         self.blocks_run = 0  # decoder blocks run by `score`, to measure what prefix reuse saves
 
     @property
@@ -196,8 +197,10 @@ class FitnessEvaluator:
     @torch.no_grad()
     def _outputs(self, input_ids: torch.Tensor) -> torch.Tensor:
         """What a scored forward pass gives: the logits, or the last hidden states when only head rows are needed."""
-        if not self._restricted_head:
-            return self._logits(input_ids)
+        return self._hidden(input_ids) if self._restricted_head else self._logits(input_ids)
+
+    @torch.no_grad()
+    def _hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
         hidden = self.model.model(input_ids=input_ids.to(self.device), use_cache=False).last_hidden_state
         self.forward_seconds += time.perf_counter() - start
@@ -234,7 +237,7 @@ class FitnessEvaluator:
         """
         input_ids = self.sequences[:1, :32]
         logits = self._logits(input_ids)
-        hidden = self.model.model(input_ids=input_ids.to(self.device), use_cache=False).last_hidden_state
+        hidden = self._hidden(input_ids)
         indices = logits.topk(min(self.topk, logits.shape[-1]), dim=-1).indices
         rows, expected = self._head_rows(hidden, indices), logits.gather(-1, indices)
         tolerance = 0.02 * float(expected.abs().max())
@@ -244,6 +247,7 @@ class FitnessEvaluator:
                 f"fitness='topk_kl_renormalized' computes logits as output-head rows applied to the last hidden "
                 f"states, but for {type(self.model).__name__} they differ from the model's logits by up to "
                 f"{difference:.3g}; use fitness='topk_kl' or 'kl'")
+        self._head_checked = True
 
     @contextlib.contextmanager
     def _swapped_blocks(self, replacements: dict[int, nn.Module]) -> Iterator[None]:
@@ -295,7 +299,7 @@ class FitnessEvaluator:
         """Runs the dense model once over every calibration sequence and stores what the fitness needs."""
         if self.kind == "ppl":
             return
-        if self._restricted_head:
+        if self._restricted_head and not self._head_checked:
             self.check_output_head()
         n = self.sequences.shape[0]
         chunks = []
