@@ -9,7 +9,9 @@ must reach the same fitness values:
 - `full forward`: the same swaps, but every candidate runs the whole model (`reuse_prefix=False`);
 - `reference`: the straightforward implementation, as the reference code does it: each changed layer's
   variant is read from its file on disk (and decoded) for every candidate, and every candidate runs the
-  whole model (`database_in_memory=False, reuse_prefix=False`).
+  whole model (`database_in_memory=False, reuse_prefix=False`);
+- `stacked`: `ours` with the offspring of each selection stage scored together, their sequences stacked
+  in one forward pass per group (`candidate_batch_size=16`, the cpu preset's offspring).
 
 With `--fitness topk_kl_renormalized`, `ours` and `full forward` compute only the output-head rows at
 the teacher's top k, `reference` computes the whole head and gathers them, and a fourth run, `full head`,
@@ -26,6 +28,7 @@ writes JSON (default benchmarks/results/search_speed.json). Ratios compare runs 
     python benchmarks/search_speed.py                               # all methods, 4 generations each
     python benchmarks/search_speed.py --methods sparsity --generations 5 --dtype float32
     python benchmarks/search_speed.py --fitness topk_kl_renormalized --output benchmarks/results/speed_topk.json
+    python benchmarks/search_speed.py --modes ours stacked
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ EXTRA = {"quantization": {"group_size": 64}}
 MODES = {"ours": dict(database_in_memory=True, reuse_prefix=True, head_rows=True),
          "full forward": dict(database_in_memory=True, reuse_prefix=False, head_rows=True),
          "full head": dict(database_in_memory=True, reuse_prefix=True, head_rows=False),
-         "reference": dict(database_in_memory=False, reuse_prefix=False, head_rows=False)}
+         "reference": dict(database_in_memory=False, reuse_prefix=False, head_rows=False),
+         "stacked": dict(database_in_memory=True, reuse_prefix=True, head_rows=True, candidate_batch_size=16)}
 PARTS = ("forward", "fitness", "swap", "other")
 
 
@@ -55,7 +59,8 @@ def measure(method: str, mode: str, args: argparse.Namespace, tokenizer) -> dict
     model, _ = load_default_model(getattr(torch, args.dtype))
     settings = dict(method=method, target=METHODS[method], preset="cpu", generations=args.generations,
                     initial_candidates=1, evaluation_tokens=0, seed=args.seed, device=args.device,
-                    reuse_prefix=MODES[mode]["reuse_prefix"], fitness=args.fitness)
+                    reuse_prefix=MODES[mode]["reuse_prefix"], fitness=args.fitness,
+                    candidate_batch_size=MODES[mode].get("candidate_batch_size", 1))
     if method != "depth":
         settings.update(database_dir=os.path.join(args.database_root, f"{method}-{args.dtype}"),
                         database_in_memory=MODES[mode]["database_in_memory"], **EXTRA.get(method, {}))
@@ -99,6 +104,8 @@ def measure(method: str, mode: str, args: argparse.Namespace, tokenizer) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
+                        help="`ours` always runs: the others are compared with it")
     parser.add_argument("--generations", type=int, default=4)
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=JSON",
                         help="override EvoPressConfig fields, e.g. --set offspring=8 'tokens_per_selection=[256,1024]'")
@@ -115,7 +122,8 @@ def main() -> None:
     for method in args.methods:
         # Depth pruning has no variants to read: its reference differs from `full forward` only in the head.
         renormalized = args.fitness == "topk_kl_renormalized"
-        for mode in (m for m in MODES if not (method == "depth" and m == "reference" and not renormalized)
+        modes = ["ours"] + [m for m in args.modes if m != "ours"]
+        for mode in (m for m in modes if not (method == "depth" and m == "reference" and not renormalized)
                      and not (m == "full head" and not renormalized)):
             rows.append(measure(method, mode, args, tokenizer))
             print(f"{method:>12} {mode:>12}: {rows[-1]['seconds_per_generation']:.2f} s/generation", flush=True)

@@ -144,6 +144,9 @@ class EvoPressCompressor:
         progress = progress and group.is_main
         method = get_method_class(config.method)(self.model, config)
         method.group = group
+        if config.candidate_batch_size > 1 and not method.can_stack:
+            raise ValueError(f"EvoPressConfig.candidate_batch_size: method {config.method!r} scores candidates one "
+                             f"at a time; use 1, got {config.candidate_batch_size}")
         _check_format(format, config.method, config.bits,
                       {name: tuple(m.weight.shape) for name, m in getattr(method, "linears", {}).items()})
         space = method.level_space()
@@ -197,7 +200,7 @@ class EvoPressCompressor:
         timings["dense_outputs"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        evaluate = CandidateScorer(method, evaluator, group, config.reuse_prefix)
+        evaluate = CandidateScorer(method, evaluator, group, config.reuse_prefix, config.candidate_batch_size)
         final_tokens = max(search_settings.tokens_per_selection)
         with torch.no_grad():
             if config.search == "evolution":

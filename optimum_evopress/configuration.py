@@ -179,6 +179,11 @@ class EvoPressConfig:
         metadata={"help": "Run each offspring only from its first block that differs from the parent, replaying "
                   "the parent's hidden states before it (same values, fewer blocks run)."},
     )
+    candidate_batch_size: int = field(
+        default=1,
+        metadata={"help": "Offspring scored together in one forward pass, their sequences stacked and each computed at "
+                  "its own levels (fewer, larger passes: for accelerators on small models; capped to fit in memory)."},
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the search and of calibration sampling."})
     device: str | None = field(default=None, metadata={"help": "`cuda`, `cpu`, ...; default: CUDA when present."})
     dtype: str = field(default="auto", metadata={"help": "Compute dtype: `auto` (keep the model's), `float32`, ..."})
@@ -236,7 +241,7 @@ class EvoPressConfig:
                 raise TypeError("EvoPressConfig.levels must be a non-empty dict or a path to a levels file, got "
                                 f"{type(self.levels).__name__}")
         for name in ("generations", "offspring", "initial_candidates", "max_flips", "topk", "calibration_tokens",
-                     "batch_size"):
+                     "batch_size", "candidate_batch_size"):
             _check_int(getattr(self, name), name)
         if self.fitness == "topk_kl_renormalized":  # over one token both renormalised distributions are 1
             _check_int(self.topk, "topk", minimum=2)

@@ -27,6 +27,10 @@ while keeping the inputs of its blocks (every block's, or every s-th one's withi
 `score(batch, start_block=k)` then replays the kept input nearest below block k and runs only the
 blocks from there. The blocks run on the same tensors in the same groups, so the values are
 bit-identical to a full forward pass.
+
+Stacked scoring: `score_stacked(batch, n)` stacks each group's sequences n times and scores part i of the
+batch as the i-th of n model states, which `CompressionMethod.stacked` sets up (one forward pass per group
+for n candidates).
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .configuration import FITNESS_KINDS, TOPK_FITNESS_KINDS
-from .models import input_device, is_offloaded, stored_weight
+from .models import input_device, stored_weight
 
 __all__ = ["Minibatch", "draw_minibatch", "FitnessEvaluator", "teacher_cache_bytes", "prefix_cache_budget"]
 
@@ -111,6 +115,15 @@ class _Replay(nn.Module):
         return self.hidden_states
 
 
+def _stack(hidden_states: torch.Tensor | tuple, copies: int) -> torch.Tensor | tuple:
+    """A kept block input (or block output tuple) repeated along the batch for `copies` stacked states."""
+    if copies == 1:
+        return hidden_states
+    if isinstance(hidden_states, tuple):
+        return (hidden_states[0].repeat(copies, *[1] * (hidden_states[0].dim() - 1)),) + hidden_states[1:]
+    return hidden_states.repeat(copies, *[1] * (hidden_states.dim() - 1))
+
+
 class _Recorder(nn.Module):
     """Wraps a block and keeps its output (the next block's input)."""
 
@@ -164,7 +177,7 @@ class FitnessEvaluator:
         self._prefix: list[dict[int, torch.Tensor]] | None = None
         self._prefix_batch: Minibatch | None = None
         self._head_checked = False  # check_output_head() passed
-        self.blocks_run = 0  # decoder blocks run by `score`, to measure what prefix reuse saves
+        self.blocks_run = 0  # decoder blocks run by `score` (times the stacked copies), to measure prefix reuse
 
     @property
     def device(self) -> torch.device:
@@ -211,7 +224,7 @@ class FitnessEvaluator:
         """The logits of the tokens `indices` ([..., k]) from the last hidden states ([..., hidden]), in float32."""
         head = self.model.get_output_embeddings()
         weight = stored_weight(head).to(hidden.device)
-        bias = head._hf_hook.weights_map.get("bias") if is_offloaded(head) else head.bias
+        bias = stored_weight(head, "bias")
         k = indices.shape[-1]
         flat_hidden, flat_indices = hidden.reshape(-1, hidden.shape[-1]), indices.reshape(-1, k)
         rows = torch.empty(flat_indices.shape, dtype=torch.float32, device=hidden.device)
@@ -287,7 +300,7 @@ class FitnessEvaluator:
             with self._swapped_blocks(recorders):
                 return self._outputs(input_ids)
 
-        value = self._score(batch, forward)
+        value = self._score(batch, forward)[0]
         self._prefix = stores
         return value
 
@@ -338,6 +351,17 @@ class FitnessEvaluator:
             start_block: the first block in which the current state differs from the state `record_prefix`
                 scored on this same `batch`; the blocks before it are not run again.
         """
+        return self.score_stacked(batch, 1, start_block)[0]
+
+    @torch.no_grad()
+    def score_stacked(self, batch: Minibatch, copies: int, start_block: int = 0) -> list[float]:
+        """Scores `copies` model states in one forward pass per group: `batch`'s sequences are stacked `copies`
+        times, and part i of the stacked rows is scored as state i (what `CompressionMethod.stacked` sets up).
+
+        Args:
+            start_block: the first block in which any of the states differs from the state `record_prefix`
+                scored on this same `batch`.
+        """
         resume = 0
         if start_block > 0 and self._prefix is not None:
             if self._prefix_batch != list(batch):
@@ -345,38 +369,51 @@ class FitnessEvaluator:
             kept = [b for b in (self._prefix[0] if self._prefix else {}) if b <= start_block]
             resume = max(kept, default=0)
         if resume == 0:
-            return self._score(batch, lambda input_ids, group: self._outputs(input_ids))
+            return self._score(batch, lambda input_ids, group: self._outputs(input_ids), copies=copies)
 
         def forward(input_ids: torch.Tensor, group: int) -> torch.Tensor:
             replacements: dict[int, nn.Module] = {i: _Passthrough() for i in range(resume - 1)}
-            replacements[resume - 1] = _Replay(self._prefix[group][resume])
+            replacements[resume - 1] = _Replay(_stack(self._prefix[group][resume], copies))
             with self._swapped_blocks(replacements):
                 return self._outputs(input_ids)
 
-        return self._score(batch, forward, resume)
+        return self._score(batch, forward, resume, copies)
+
+    def stack_limit(self, batch: Minibatch) -> int:
+        """How many states `score_stacked` may score at once on `batch` within the memory budget of prefix reuse."""
+        rows = max(len(indices) * length for indices, length in self._groups(batch))
+        width = self.model.config.hidden_size if self._restricted_head else self.model.config.vocab_size
+        # Per stacked copy: the outputs in float32, and as much again for the fitness's temporaries.
+        per_copy = 2 * rows * width * 4
+        budget = self.prefix_budget if self.prefix_budget is not None else prefix_cache_budget(self.device)
+        return max(1, budget // per_copy)
 
     def _score(self, batch: Minibatch, forward: Callable[[torch.Tensor, int], torch.Tensor],
-               first_block: int = 0) -> float:
-        """Mean fitness over `batch`; `forward(input_ids, group number)` gives each forward group's logits."""
+               first_block: int = 0, copies: int = 1) -> list[float]:
+        """Mean fitness over `batch` of each of the `copies` stacked states; `forward(input_ids, group number)`
+        gives each forward group's logits (or last hidden states)."""
         if self.kind != "ppl" and self.teacher_probs is None and self.teacher_values is None:
             raise RuntimeError("call cache_teacher() before score()")
-        total, count = 0.0, 0
+        totals, count = [0.0] * copies, 0
         for group, (indices, length) in enumerate(self._groups(batch)):
             index = torch.tensor(indices)
-            logits = forward(self.sequences[index, :length], group)
+            input_ids = self.sequences[index, :length]
+            outputs = forward(input_ids.repeat(copies, 1) if copies > 1 else input_ids, group)
             if self.layers is not None:
-                self.blocks_run += len(self.layers) - first_block
+                self.blocks_run += (len(self.layers) - first_block) * copies
             if self.kind == "topk_kl_renormalized":  # the student's logits on the teacher's top k (head work)
                 start = time.perf_counter()
-                top = self.teacher_indices[index, :length].to(logits.device, torch.long)
-                logits = self._head_rows(logits, top) if self.head_rows else logits.gather(-1, top)
+                top = self.teacher_indices[index, :length].to(outputs.device, torch.long)
+                top = top.repeat(copies, 1, 1) if copies > 1 else top
+                outputs = self._head_rows(outputs, top) if self.head_rows else outputs.gather(-1, top)
                 self.forward_seconds += time.perf_counter() - start
             start = time.perf_counter()
-            value, tokens = self._metric(logits, index, length)
-            total += value
+            for copy, logits in enumerate(outputs.chunk(copies) if copies > 1 else (outputs,)):
+                value, tokens = self._metric(logits, index, length)
+                totals[copy] += value
             count += tokens
             self.metric_seconds += time.perf_counter() - start
-        return total / count
+        return [total / count for total in totals]
 
     def _metric(self, logits: torch.Tensor, index: torch.Tensor, length: int) -> tuple[float, int]:
         device = logits.device

@@ -106,11 +106,13 @@ class _WeightOverride(Mapping):
         return len(self.base)
 
 
-def stored_weight(module: nn.Module) -> torch.Tensor:
-    """The weight a layer computes with: its parameter's data, or for an offloaded layer what its hook loads."""
+def stored_weight(module: nn.Module, name: str = "weight") -> torch.Tensor | None:
+    """A parameter a layer computes with (`weight`, `bias`; None if it has none): its data, or for an offloaded
+    layer what its hook loads."""
     if is_offloaded(module):
-        return module._hf_hook.weights_map["weight"]
-    return module.weight.data
+        return module._hf_hook.weights_map.get(name)
+    parameter = getattr(module, name)
+    return None if parameter is None else parameter.data
 
 
 def set_weight(module: nn.Module, weight: torch.Tensor) -> None:

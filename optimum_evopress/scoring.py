@@ -1,9 +1,10 @@
-"""Scoring a selection stage's candidates on the model: swaps, prefix reuse, and sharing across processes."""
+"""Scoring a selection stage's candidates on the model: swaps, prefix reuse, stacking, and sharing across processes."""
 
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -23,11 +24,18 @@ class CandidateScorer:
         evaluator: the fitness, with the dense outputs cached.
         group: the processes sharing the candidates (each scores every `world_size`-th one).
         reuse_prefix: run each candidate from its first block that differs from the reference (the parent).
+        candidate_batch_size: candidates scored together in one forward pass per group of sequences (their
+            sequences stacked, `CompressionMethod.stacked`), at most as many as `FitnessEvaluator.stack_limit`
+            allows. Candidates are stacked in the order of their first changed block, each stack running from
+            the first one's.
     """
 
     def __init__(self, method: CompressionMethod, evaluator: FitnessEvaluator, group: ProcessGroup,
-                 reuse_prefix: bool = True) -> None:
+                 reuse_prefix: bool = True, candidate_batch_size: int = 1) -> None:
+        if candidate_batch_size > 1 and not method.can_stack:
+            raise ValueError(f"candidate_batch_size: {type(method).__name__} cannot score candidates together; use 1")
         self.method, self.evaluator, self.group = method, evaluator, group
+        self.candidate_batch_size = candidate_batch_size
         self.unit_blocks = method.unit_blocks() if reuse_prefix else None
         self.num_blocks = len(evaluator.layers) if evaluator.layers is not None else 0
         self.swap_seconds = 0.0
@@ -35,6 +43,15 @@ class CandidateScorer:
     def _set(self, assignment: Sequence[int]) -> None:
         start = time.perf_counter()
         self.method.set_levels(assignment)
+        self.swap_seconds += time.perf_counter() - start
+
+    @contextlib.contextmanager
+    def _stacked(self, assignments: Sequence[Assignment]) -> Iterator[None]:
+        start = time.perf_counter()
+        with self.method.stacked(assignments):
+            self.swap_seconds += time.perf_counter() - start
+            yield
+            start = time.perf_counter()
         self.swap_seconds += time.perf_counter() - start
 
     def _first_changed_block(self, candidate: Sequence[int], reference: Sequence[int]) -> int:
@@ -61,13 +78,26 @@ class CandidateScorer:
         if reference is not None:
             self._set(reference)
             reference_score = self.evaluator.record_prefix(batch)
+        todo = []
+        for index in mine:
+            if reference is not None and tuple(candidates[index]) == reference:
+                scores[index] = reference_score
+            else:
+                todo.append(index)
+        size = max(1, min(self.candidate_batch_size, len(todo)))
+        if size > 1:
+            size = min(size, self.evaluator.stack_limit(batch))
+            todo.sort(key=lambda index: starts[index])  # stable; a stack runs from its first member's block
         try:
-            for index in mine:
-                if reference is not None and tuple(candidates[index]) == reference:
-                    scores[index] = reference_score
+            for first in range(0, len(todo), size):
+                chunk = todo[first:first + size]
+                start_block = starts[chunk[0]] if reference is not None else 0
+                if len(chunk) == 1:
+                    self._set(candidates[chunk[0]])
+                    scores[chunk[0]] = self.evaluator.score(batch, start_block)
                     continue
-                self._set(candidates[index])
-                scores[index] = self.evaluator.score(batch, starts[index] if reference is not None else 0)
+                with self._stacked([candidates[index] for index in chunk]):
+                    scores.update(zip(chunk, self.evaluator.score_stacked(batch, len(chunk), start_block)))
         finally:
             self.evaluator.clear_prefix()
         for part in self.group.all_gather(scores):

@@ -206,3 +206,57 @@ def test_prefix_reuse_changes_no_fitness_and_runs_fewer_blocks(tokenizer, overri
     assert reused.levels == plain.levels
     assert [row["fitness"] for row in reused.history] == [row["fitness"] for row in plain.history]
     assert 0 < runs[True][1] < runs[False][1]
+
+
+def biased_qwen2():
+    """A Qwen2 model (q/k/v projections with a bias) whose biases are not zero."""
+    model = make_model("qwen2")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("model_factory,overrides", [
+    (make_model, dict()),
+    (make_model, dict(granularity="sublayer", target=0.25)),
+    (biased_qwen2, dict(method="quantization", target=2.5, bits=[2, 3, 4, 8], group_size=16, calibration_tokens=512,
+                        sequence_length=32, tokens_per_selection=[64, 256])),
+    (make_model, dict(method="sparsity", target=0.5, calibration_tokens=512, sequence_length=32,
+                      tokens_per_selection=[64, 256], fitness="topk_kl_renormalized", topk=16, reuse_prefix=False)),
+])
+def test_stacked_candidates_score_as_one_at_a_time(tokenizer, model_factory, overrides, monkeypatch):
+    from optimum_evopress.fitness import FitnessEvaluator
+    from optimum_evopress.scoring import CandidateScorer
+
+    class Recording(CandidateScorer):
+        def __call__(self, candidates, *args, **kwargs):
+            scores = super().__call__(candidates, *args, **kwargs)
+            calls.append((list(candidates), scores))
+            return scores
+
+    copies = []
+    original = FitnessEvaluator.score_stacked
+
+    def counting(self, batch, number, *args, **kwargs):
+        copies.append(number)
+        return original(self, batch, number, *args, **kwargs)
+
+    monkeypatch.setattr(compressor_module, "CandidateScorer", Recording)
+    monkeypatch.setattr(FitnessEvaluator, "score_stacked", counting)
+    runs = {}
+    for size in (1, 3):
+        calls = []
+        compressor = EvoPressCompressor(model_factory(), tokenizer)
+        compressor.compress(small_config(**{"generations": 3, "evaluation_tokens": 0, "offspring": 6, **overrides},
+                                         candidate_batch_size=size), progress=False)
+        runs[size] = (compressor.result, calls)
+    (single, single_calls), (stacked, stacked_calls) = runs[1], runs[3]
+    assert 3 in copies  # candidates were scored three at a time
+    assert stacked.levels == single.levels
+    assert [c for c, _ in stacked_calls] == [c for c, _ in single_calls]  # the same search, candidate for candidate
+    # Every candidate's fitness, not only the winners': stacking changes no value (up to float rounding).
+    assert len(stacked_calls) > 3 and max(len(c) for c, _ in stacked_calls) >= 6
+    for (_, together), (_, alone) in zip(stacked_calls, single_calls):
+        assert together == pytest.approx(alone, rel=1e-5, abs=1e-7)

@@ -59,6 +59,19 @@ def test_offloaded_model_compresses_as_the_whole_model(case, saved_model, tokeni
                                reloaded[str(tmp_path / "whole")]["logits"], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("case", ["depth", "quantization"])
+def test_offloaded_model_scores_stacked_candidates_as_the_whole_model_one_at_a_time(case, saved_model, tokenizer,
+                                                                                   tmp_path):
+    """Stacked candidates in offloaded blocks take their own levels (the hooks read offloaded variants and biases)."""
+    whole = EvoPressCompressor(AutoModelForCausalLM.from_pretrained(saved_model).eval(), tokenizer)
+    whole.compress(config(case), progress=False)
+    offloaded = EvoPressCompressor(load_offloaded(saved_model, tmp_path / "offload"), tokenizer)
+    offloaded.compress(config(case, candidate_batch_size=4), progress=False)
+    assert offloaded.result.levels == whole.result.levels
+    assert [row["fitness"] for row in offloaded.result.history] == pytest.approx(
+        [row["fitness"] for row in whole.result.history], rel=1e-5)
+
+
 def test_offloaded_layers_take_the_candidates_weights(saved_model, tokenizer, tmp_path):
     """A swap on an offloaded layer reaches its forward pass: the compressed offloaded blocks hold the variants."""
     model = load_offloaded(saved_model, tmp_path / "offload")

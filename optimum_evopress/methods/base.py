@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, ContextManager, Sequence
 
 import torch
 
@@ -84,6 +84,17 @@ class CompressionMethod:
 
     def reset(self) -> None:
         raise NotImplementedError
+
+    def stacked(self, assignments: Sequence[Assignment]) -> ContextManager[None]:
+        """A context in which one forward pass computes several assignments: its batch is `len(assignments)`
+        equal parts, and part i is computed at `assignments[i]` (to score candidates together,
+        `candidate_batch_size`). The model's state afterwards is unspecified; `set_levels` sets it again."""
+        raise NotImplementedError
+
+    @property
+    def can_stack(self) -> bool:
+        """Whether the method implements `stacked`."""
+        return type(self).stacked is not CompressionMethod.stacked
 
     def unit_blocks(self) -> list[int] | None:
         """The decoder block each unit lives in, so that a candidate is only run from its first changed block

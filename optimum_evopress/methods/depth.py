@@ -8,8 +8,9 @@ attention or MLP sub-block alone has its output projection zeroed, which gives i
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -122,7 +123,10 @@ class DepthPruning(CompressionMethod):
 
     # ------------------------------------------------------------------ swapping
     def set_levels(self, assignment: Sequence[int]) -> None:
-        for i, state in enumerate(self._block_states(assignment)):
+        self._set_states(self._block_states(assignment))
+
+    def _set_states(self, states: Sequence[tuple[bool, bool]]) -> None:
+        for i, state in enumerate(states):
             if state == self._state[i]:
                 continue
             attention_dropped, mlp_dropped = state
@@ -131,6 +135,25 @@ class DepthPruning(CompressionMethod):
             setattr(block, self.arch.attention, self._zero_attention if attention_dropped else self.attentions[i])
             setattr(block, self.arch.mlp, self._zero_mlp if mlp_dropped else self.mlps[i])
             self._state[i] = state
+
+    @contextlib.contextmanager
+    def stacked(self, assignments: Sequence[Assignment]) -> Iterator[None]:
+        """A sub-block runs when any part keeps it; a forward hook zeroes its output in the rows of the parts that
+        drop it, which adds nothing to their residual stream, exactly as the stand-ins do."""
+        parts = [self._block_states(assignment) for assignment in assignments]
+        shared = [tuple(all(states[i][j] for states in parts) for j in range(2)) for i in range(len(self.blocks))]
+        self._set_states(shared)
+        handles = []
+        for i in range(len(self.blocks)):
+            for j, module in enumerate((self.attentions[i], self.mlps[i])):
+                dropping = [part for part, states in enumerate(parts) if states[i][j]]
+                if dropping and not shared[i][j]:
+                    handles.append(module.register_forward_hook(_zero_parts(dropping, len(parts))))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def reset(self) -> None:
         self.set_levels([0] * len(self.unit_names()))
@@ -240,6 +263,19 @@ class DepthPruning(CompressionMethod):
             for hook in hooks:
                 hook.remove()
         return (influence / tokens).tolist(), (window / tokens).tolist()
+
+
+def _zero_parts(dropping: list[int], num_parts: int):
+    """A sub-block's forward hook that zeroes its output (the first element of a tuple) in the given parts of the batch."""
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        hidden = output[0] if isinstance(output, tuple) else output
+        rows = hidden.shape[0] // num_parts
+        for part in dropping:
+            hidden[part * rows:(part + 1) * rows] = 0
+        return output
+
+    return hook
 
 
 def _zero_linear(linear: nn.Module) -> None:

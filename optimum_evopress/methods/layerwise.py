@@ -14,10 +14,13 @@ loads the current one for each forward pass.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any, Hashable, Sequence
+from collections import Counter
+from typing import Any, Hashable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -309,11 +312,36 @@ class LayerwiseMethod(CompressionMethod):
 
     # ------------------------------------------------------------------ swapping
     def set_levels(self, assignment: Sequence[int]) -> None:
-        for name, key in self._layer_keys_of(assignment).items():
+        self._set_keys(self._layer_keys_of(assignment))
+
+    def _set_keys(self, keys: dict[str, Hashable]) -> None:
+        for name, key in keys.items():
             if self._current[name] != key:
-                weight = self._variants[name][key] if self._variants else self.decode(name, key)
-                set_weight(self.linears[name], weight)
+                set_weight(self.linears[name], self._weight(name, key))
                 self._current[name] = key
+
+    def _weight(self, name: str, key: Hashable) -> torch.Tensor:
+        return self._variants[name][key] if self._variants else self.decode(name, key)
+
+    @contextlib.contextmanager
+    def stacked(self, assignments: Sequence[Assignment]) -> Iterator[None]:
+        """Each layer holds the level most of the parts give it; a forward hook recomputes the rows of the other
+        parts with their own variant (one extra product over those rows per differing layer and part)."""
+        parts = [self._layer_keys_of(assignment) for assignment in assignments]
+        shared = {name: Counter(keys[name] for keys in parts).most_common(1)[0][0] for name in self.linears}
+        self._set_keys(shared)
+        handles = []
+        for name, module in self.linears.items():
+            others = [(part, self._weight(name, keys[name])) for part, keys in enumerate(parts)
+                      if keys[name] != shared[name]]
+            if others:
+                handles.append(module.register_forward_hook(_part_override(others, len(parts),
+                                                                           stored_weight(module, "bias"))))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def reset(self) -> None:
         for name, module in self.linears.items():
@@ -343,3 +371,18 @@ class LayerwiseMethod(CompressionMethod):
     def export(self, layer_keys: dict[str, Hashable]) -> None:
         """Records the chosen levels on `model.config.evopress` and prepares the model's checkpoint format."""
         raise NotImplementedError
+
+
+def _part_override(others: list[tuple[int, torch.Tensor]], num_parts: int, bias: torch.Tensor | None):
+    """A linear layer's forward hook that recomputes part i of its batch with weight w for each (i, w) in `others`."""
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        inputs = args[0]
+        rows = inputs.shape[0] // num_parts
+        on_device = None if bias is None else bias.to(inputs.device)
+        for part, weight in others:
+            part_rows = slice(part * rows, (part + 1) * rows)
+            output[part_rows] = F.linear(inputs[part_rows], weight.to(inputs.device), on_device)
+        return output
+
+    return hook
