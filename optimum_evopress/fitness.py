@@ -381,10 +381,13 @@ class FitnessEvaluator:
 
     def stack_limit(self, batch: Minibatch) -> int:
         """How many states `score_stacked` may score at once on `batch` within the memory budget of prefix reuse."""
+        config = self.model.config
         rows = max(len(indices) * length for indices, length in self._groups(batch))
-        width = self.model.config.hidden_size if self._restricted_head else self.model.config.vocab_size
-        # Per stacked copy: the outputs in float32, and as much again for the fitness's temporaries.
-        per_copy = 2 * rows * width * 4
+        width = config.hidden_size if self._restricted_head else config.vocab_size
+        inner = max(config.hidden_size, getattr(config, "intermediate_size", None) or 4 * config.hidden_size)
+        # Per stacked copy, in float32: the outputs and as much again for the fitness's temporaries, and a
+        # few activations of the widest layer inside a block.
+        per_copy = rows * 4 * (2 * width + 4 * inner)
         budget = self.prefix_budget if self.prefix_budget is not None else prefix_cache_budget(self.device)
         return max(1, budget // per_copy)
 

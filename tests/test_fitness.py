@@ -187,3 +187,35 @@ def test_prefix_reuse_gives_the_full_forward_value_bit_for_bit(budget):
         evaluator.score(batch[:2], start_block=3)
     evaluator.clear_prefix()
     assert evaluator.score(batch, start_block=3) == evaluator.score(batch)
+
+
+def test_stacked_states_score_as_each_state_alone():
+    model = make_model()
+    evaluator = FitnessEvaluator(model, SEQUENCES, "kl", batch_size=4, layers=model.model.layers)
+    evaluator.cache_teacher(progress=False)
+    batch = [(0, 16), (3, 16), (5, 16), (1, 16), (2, 16), (4, 16), (2, 10)]  # three forward groups
+    method = DepthPruning(model, EvoPressConfig(target=0.34))
+    # The first is the reference; the others differ from it first in blocks 4 and 2.
+    states = [(0, 1, 0, 0, 1, 0), (0, 1, 0, 0, 0, 1), (0, 1, 1, 0, 0, 0)]
+    alone = []
+    for state in states:
+        method.set_levels(state)
+        alone.append(evaluator.score(batch))
+    assert len(set(alone)) == 3
+    method.set_levels(states[0])
+    evaluator.record_prefix(batch)
+    with method.stacked(states):
+        evaluator.blocks_run = 0
+        together = evaluator.score_stacked(batch, 3, start_block=2)
+    assert together == pytest.approx(alone, rel=1e-6)
+    assert evaluator.blocks_run == 3 * 3 * (6 - 2)  # groups x stacked states x blocks from the replayed one
+
+
+@pytest.mark.parametrize("kind, copies", [("kl", 2), ("kl", 1), ("topk_kl_renormalized", 5)])
+def test_stack_limit_keeps_the_stacked_outputs_within_the_budget(kind, copies):
+    model = make_model()
+    batch = [(0, 16), (3, 16), (5, 16), (1, 16), (2, 10)]  # the largest group: 4 x 16 tokens
+    width = 320 if kind == "kl" else 32  # logits, or last hidden states when only head rows are needed
+    per_copy = 4 * 16 * 4 * (2 * width + 4 * 64)
+    evaluator = FitnessEvaluator(model, SEQUENCES, kind, batch_size=4, prefix_budget=copies * per_copy + 1)
+    assert evaluator.stack_limit(batch) == copies
