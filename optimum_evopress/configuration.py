@@ -182,7 +182,8 @@ class EvoPressConfig:
     candidate_batch_size: int = field(
         default=1,
         metadata={"help": "Offspring scored together in one forward pass, their sequences stacked and each computed at "
-                  "its own levels (fewer, larger passes: for accelerators on small models; capped to fit in memory)."},
+                  "its own levels (same values; fewer, larger passes for accelerators on small models, slower on "
+                  "CPUs; capped to fit in memory)."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the search and of calibration sampling."})
     device: str | None = field(default=None, metadata={"help": "`cuda`, `cpu`, ...; default: CUDA when present."})
