@@ -93,18 +93,17 @@ def main() -> None:
         candidates = pools(space, args.candidates, np.random.default_rng(args.seed))
         scores = {pool: {} for pool in candidates}
         seconds = {pool: {} for pool in candidates}
-        for kind, tokens in [(kind, batch) for kind in KINDS] + [(OTHER_TOKENS, other_batch)]:
+        for label, kind, tokens in [(kind, kind, batch) for kind in KINDS] + [(OTHER_TOKENS, "kl", other_batch)]:
             method.reset()
-            evaluator = FitnessEvaluator(model, data.calibration[:2 * count], kind.split(",")[0], args.topk,
-                                         batch_size=8)
+            evaluator = FitnessEvaluator(model, data.calibration[:2 * count], kind, args.topk, batch_size=8)
             evaluator.cache_teacher(progress=False)
             for pool, assignments in candidates.items():
                 evaluator.forward_seconds = evaluator.metric_seconds = 0.0
-                scores[pool][kind] = []
+                scores[pool][label] = []
                 for assignment in assignments:
                     method.set_levels(assignment)
-                    scores[pool][kind].append(evaluator.score(tokens))
-                seconds[pool][kind] = (evaluator.forward_seconds + evaluator.metric_seconds) / len(assignments)
+                    scores[pool][label].append(evaluator.score(tokens))
+                seconds[pool][label] = (evaluator.forward_seconds + evaluator.metric_seconds) / len(assignments)
         method.reset()
         for pool in candidates:
             for kind in (*KINDS, OTHER_TOKENS):

@@ -115,13 +115,13 @@ class _Replay(nn.Module):
         return self.hidden_states
 
 
-def _stack(hidden_states: torch.Tensor | tuple, copies: int) -> torch.Tensor | tuple:
-    """A kept block input (or block output tuple) repeated along the batch for `copies` stacked states."""
+def _stack(tensor: torch.Tensor | tuple, copies: int) -> torch.Tensor | tuple:
+    """`tensor` (or a block output tuple's first element) repeated along the batch for `copies` stacked states."""
     if copies == 1:
-        return hidden_states
-    if isinstance(hidden_states, tuple):
-        return (hidden_states[0].repeat(copies, *[1] * (hidden_states[0].dim() - 1)),) + hidden_states[1:]
-    return hidden_states.repeat(copies, *[1] * (hidden_states.dim() - 1))
+        return tensor
+    if isinstance(tensor, tuple):
+        return (_stack(tensor[0], copies),) + tensor[1:]
+    return tensor.repeat(copies, *[1] * (tensor.dim() - 1))
 
 
 class _Recorder(nn.Module):
@@ -273,11 +273,15 @@ class FitnessEvaluator:
             for i, module in originals.items():
                 self.layers[i] = module
 
+    def _memory_budget(self) -> int:
+        """Bytes the kept block inputs, or the stacked outputs, may take."""
+        return self.prefix_budget if self.prefix_budget is not None else prefix_cache_budget(self.device)
+
     def _stride(self, batch: Minibatch, hidden_bytes: int) -> int:
         """Keep the input of every s-th block, with s the smallest that fits the budget (0: keep none)."""
         tokens = sum(length for _, length in batch)
         total = tokens * hidden_bytes * (len(self.layers) - 1)
-        budget = self.prefix_budget if self.prefix_budget is not None else prefix_cache_budget(self.device)
+        budget = self._memory_budget()
         if total == 0 or budget < tokens * hidden_bytes:
             return 0
         return max(1, math.ceil(total / budget))
@@ -388,8 +392,7 @@ class FitnessEvaluator:
         # Per stacked copy, in float32: the outputs and as much again for the fitness's temporaries, and a
         # few activations of the widest layer inside a block.
         per_copy = rows * 4 * (2 * width + 4 * inner)
-        budget = self.prefix_budget if self.prefix_budget is not None else prefix_cache_budget(self.device)
-        return max(1, budget // per_copy)
+        return max(1, self._memory_budget() // per_copy)
 
     def _score(self, batch: Minibatch, forward: Callable[[torch.Tensor, int], torch.Tensor],
                first_block: int = 0, copies: int = 1) -> list[float]:
@@ -400,18 +403,16 @@ class FitnessEvaluator:
         totals, count = [0.0] * copies, 0
         for group, (indices, length) in enumerate(self._groups(batch)):
             index = torch.tensor(indices)
-            input_ids = self.sequences[index, :length]
-            outputs = forward(input_ids.repeat(copies, 1) if copies > 1 else input_ids, group)
+            outputs = forward(_stack(self.sequences[index, :length], copies), group)
             if self.layers is not None:
                 self.blocks_run += (len(self.layers) - first_block) * copies
             if self.kind == "topk_kl_renormalized":  # the student's logits on the teacher's top k (head work)
                 start = time.perf_counter()
-                top = self.teacher_indices[index, :length].to(outputs.device, torch.long)
-                top = top.repeat(copies, 1, 1) if copies > 1 else top
+                top = _stack(self.teacher_indices[index, :length].to(outputs.device, torch.long), copies)
                 outputs = self._head_rows(outputs, top) if self.head_rows else outputs.gather(-1, top)
                 self.forward_seconds += time.perf_counter() - start
             start = time.perf_counter()
-            for copy, logits in enumerate(outputs.chunk(copies) if copies > 1 else (outputs,)):
+            for copy, logits in enumerate(outputs.chunk(copies)):
                 value, tokens = self._metric(logits, index, length)
                 totals[copy] += value
             count += tokens

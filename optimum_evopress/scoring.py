@@ -27,13 +27,12 @@ class CandidateScorer:
         candidate_batch_size: candidates scored together in one forward pass per group of sequences (their
             sequences stacked, `CompressionMethod.stacked`), at most as many as `FitnessEvaluator.stack_limit`
             allows. Candidates are stacked in the order of their first changed block, each stack running from
-            the first one's.
+            the first one's. The method must implement `stacked` when it is above 1 (`EvoPressCompressor.compress`
+            checks that before any work).
     """
 
     def __init__(self, method: CompressionMethod, evaluator: FitnessEvaluator, group: ProcessGroup,
                  reuse_prefix: bool = True, candidate_batch_size: int = 1) -> None:
-        if candidate_batch_size > 1 and not method.can_stack:
-            raise ValueError(f"candidate_batch_size: {type(method).__name__} cannot score candidates together; use 1")
         self.method, self.evaluator, self.group = method, evaluator, group
         self.candidate_batch_size = candidate_batch_size
         self.unit_blocks = method.unit_blocks() if reuse_prefix else None
