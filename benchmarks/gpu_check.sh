@@ -2,7 +2,8 @@
 # The CUDA checks of optimum-evopress, as one run of under ten minutes on one GPU:
 #   1. the fast test suite (the compressor uses CUDA whenever it is present, so the tests run there);
 #   2. a short EvoPress search on SmolLM2-135M in bfloat16, saved and reloaded (needs the built-in model);
-#   3. the search speed benchmark in bfloat16, with `kl` (every mode, stacked candidates included) and,
+#   3. the search speed benchmark in bfloat16, with `kl` (every mode: prefix reuse, the projected teacher
+#      and stacked candidates each on and off, and the reference implementation) and,
 #      for quantization, `topk_kl_renormalized` (needs the built-in model).
 # Run from the repository root, with the package and its test extra installed:
 #     bash benchmarks/gpu_check.sh [OUTPUT_DIR]        # default: $OUT, else benchmarks/results/gpu

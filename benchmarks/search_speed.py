@@ -4,23 +4,26 @@ For each method, a short EvoPress search on SmolLM2-135M (cpu preset unless `--s
 runs in several ways on the same database with the same seed, so all score the same candidates and
 must reach the same fitness values:
 
-- `ours`: every variant is decoded once and a swap points the layer's weight at it (no copy), and each
-  offspring runs only from its first block that differs from the parent (prefix reuse);
-- `full forward`: the same swaps, but every candidate runs the whole model (`reuse_prefix=False`);
+- `ours`: every variant is decoded once and a swap points the layer's weight at it (no copy), each
+  offspring runs only from its first block that differs from the parent (prefix reuse), and the fitness
+  applies the output head itself: `kl` reads the teacher projected through the head (hidden-size floats
+  per token), `topk_kl_renormalized` computes only the head rows at the teacher's top k;
+- `full forward`: the same, but every candidate runs the whole model (`reuse_prefix=False`);
+- `full head`: `ours` with the model computing its whole head, and for `kl` the teacher's full
+  probabilities in float16 (`FitnessEvaluator.head_shortcuts = False`);
 - `reference`: the straightforward implementation, as the reference code does it: each changed layer's
-  variant is read from its file on disk (and decoded) for every candidate, and every candidate runs the
-  whole model (`database_in_memory=False, reuse_prefix=False`);
+  variant is read from its file on disk (and decoded) for every candidate, every candidate runs the
+  whole model and its whole head, and `kl` reads full probabilities
+  (`database_in_memory=False, reuse_prefix=False`, no head shortcuts);
 - `stacked`: `ours` with the offspring of each selection stage scored together, their sequences stacked
   in one forward pass per group (`candidate_batch_size=16`, the cpu preset's offspring).
 
-With `--fitness topk_kl_renormalized`, `ours` and `full forward` compute only the output-head rows at
-the teacher's top k, `reference` computes the whole head and gathers them, and a fourth run, `full head`,
-is `ours` with the whole head. Those values equal ours up to float rounding, so the table gives the
-largest relative difference of the fitness values next to whether the levels are the same.
+The head shortcuts change float rounding only (and, for `kl`, the float16 rounding of the cached
+probabilities), so the table gives the largest relative difference of the fitness values next to
+whether the levels are the same. `topk_kl` has no head shortcut: it runs no `full head` row.
 
-Depth pruning has no variants to read: with `kl` it has no `reference` row, with
-`topk_kl_renormalized` its `reference` differs from `full forward` in the head only. The search starts
-from one candidate (`initial_candidates=1`, which scores nothing), so the search time is the
+Depth pruning has no variants to read: its `reference` differs from `full forward` in the head only. The
+search starts from one candidate (`initial_candidates=1`, which scores nothing), so the search time is the
 generations' time. Per mode: seconds per generation, the shares of forward passes, fitness arithmetic, swaps and
 everything else, and the decoder-block work per generation (tokens × blocks run). Prints a table,
 writes JSON (default benchmarks/results/search_speed.json). Ratios compare runs of one invocation only.
@@ -47,11 +50,11 @@ from optimum_evopress.models import load_default_model
 METHODS = {"depth": 0.25, "quantization": 3.0, "sparsity": 0.6}
 # SmolLM2-135M: group size 64 divides every layer's input size (576 and 1536), as in benchmarks/quantization.py.
 EXTRA = {"quantization": {"group_size": 64}}
-MODES = {"ours": dict(database_in_memory=True, reuse_prefix=True, head_rows=True),
-         "full forward": dict(database_in_memory=True, reuse_prefix=False, head_rows=True),
-         "full head": dict(database_in_memory=True, reuse_prefix=True, head_rows=False),
-         "reference": dict(database_in_memory=False, reuse_prefix=False, head_rows=False),
-         "stacked": dict(database_in_memory=True, reuse_prefix=True, head_rows=True, candidate_batch_size=16)}
+MODES = {"ours": dict(database_in_memory=True, reuse_prefix=True, head_shortcuts=True),
+         "full forward": dict(database_in_memory=True, reuse_prefix=False, head_shortcuts=True),
+         "full head": dict(database_in_memory=True, reuse_prefix=True, head_shortcuts=False),
+         "reference": dict(database_in_memory=False, reuse_prefix=False, head_shortcuts=False),
+         "stacked": dict(database_in_memory=True, reuse_prefix=True, head_shortcuts=True, candidate_batch_size=16)}
 PARTS = ("forward", "fitness", "swap", "other")
 
 
@@ -73,11 +76,11 @@ def measure(method: str, mode: str, args: argparse.Namespace, tokenizer) -> dict
 
     hooks = [block.register_forward_hook(count) for block in model.model.layers]
     compressor = EvoPressCompressor(model, tokenizer)
-    FitnessEvaluator.head_rows = MODES[mode]["head_rows"]
+    FitnessEvaluator.head_shortcuts = MODES[mode]["head_shortcuts"]
     try:
         compressor.compress(config, progress=False)
     finally:
-        FitnessEvaluator.head_rows = True
+        FitnessEvaluator.head_shortcuts = True
     for hook in hooks:
         hook.remove()
     timings = compressor.result.timings
@@ -120,11 +123,11 @@ def main() -> None:
     _, tokenizer = load_default_model()
     rows = []
     for method in args.methods:
-        # Depth pruning has no variants to read: its reference differs from `full forward` only in the head.
-        renormalized = args.fitness == "topk_kl_renormalized"
+        # Without head shortcuts (`topk_kl`), `full head` is `ours` and a depth `reference` is `full forward`.
+        shortcuts = args.fitness != "topk_kl"
         modes = ["ours"] + [m for m in args.modes if m != "ours"]
-        for mode in (m for m in modes if not (method == "depth" and m == "reference" and not renormalized)
-                     and not (m == "full head" and not renormalized)):
+        for mode in (m for m in modes
+                     if shortcuts or not (m == "full head" or (method == "depth" and m == "reference"))):
             rows.append(measure(method, mode, args, tokenizer))
             print(f"{method:>12} {mode:>12}: {rows[-1]['seconds_per_generation']:.2f} s/generation", flush=True)
 

@@ -20,7 +20,7 @@ from .evaluation import perplexity
 from .export import check_output_dir, save_checkpoint
 from .formats import check_gptq_export, load_levels, save_gptq
 from .models import find_decoder
-from .fitness import FitnessEvaluator, teacher_cache_bytes
+from .fitness import FitnessEvaluator
 from .methods import CompressionMethod, get_method_class
 from .scoring import CandidateScorer
 from .search import (SearchResult, SearchSettings, brute_force_search, evolutionary_search,
@@ -193,9 +193,8 @@ class EvoPressCompressor:
         needs_teacher = config.search in ("evolution", "brute_force", "one_at_a_time", *method.candidate_baselines) or (
             config.search == "random" and search_settings.initial_candidates > 1)
         if needs_teacher:
-            logger.info("caching dense outputs: %.1f MiB", teacher_cache_bytes(
-                config.fitness, data.calibration_tokens, self.model.config.vocab_size, config.topk) / 2**20)
             evaluator.cache_teacher(progress)
+            logger.info("cached dense outputs: %.1f MiB", evaluator.cache_bytes() / 2**20)
             evaluator.forward_seconds = evaluator.metric_seconds = 0.0
         timings["dense_outputs"] = time.perf_counter() - clock
 

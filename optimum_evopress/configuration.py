@@ -155,8 +155,9 @@ class EvoPressConfig:
         default=3, metadata={"help": "Level switches per offspring: min(U(1, max_flips), U(1, max_flips))."}
     )
     fitness: str = field(default="kl", metadata={
-        "help": "`kl`, `topk_kl` (memory-bounded), `topk_kl_renormalized` (memory-bounded, computes only k "
-                "output-head rows per token) or `ppl`."})
+        "help": "`kl` (exact; caches hidden-size floats per token), `topk_kl` (caches k values per token; a lower "
+                "bound), `topk_kl_renormalized` (k values per token, computes only k output-head rows: faster, a "
+                "different value) or `ppl`."})
     topk: int = field(default=128, metadata={"help": "Teacher probabilities kept per token for the top-k fitnesses."})
     calibration_dataset: Any = field(
         default="wikipedia",

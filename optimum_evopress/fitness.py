@@ -2,11 +2,16 @@
 
 The dense model's outputs on the calibration set are computed once and cached on the CPU:
 
-- `kl`: full probabilities in float16, `2 * vocab_size + 8` bytes per token
-  (SmolLM2, vocabulary 49,152: 96 KiB per token, 1.5 GiB for 16k tokens). The KL divergence is
-  `sum p log p - sum p z + (sum p) logsumexp(z)` for student logits `z`; the first and last sums are
-  cached per token, so scoring a candidate reads the logits only twice (one dot product, one logsumexp).
-  It is exact for the float16-rounded teacher distribution.
+- `kl`: the teacher's probabilities projected through the output head, `4 * hidden_size + 8` bytes per
+  token (SmolLM2: 2.3 KiB per token, 36 MiB for 16k tokens; Llama-3-8B: 16 KiB per token). For student
+  logits `z = W h + b` (output head `W`, `b`; last hidden state `h`) the KL divergence is
+  `sum p log p - sum p z + (sum p) logsumexp(z)`, and `sum p z = h . (W^T p) + p . b`: the cache holds
+  `W^T p` (hidden-size floats) and the per-token constants, and scoring a candidate computes the head in
+  float32, in chunks, for its logsumexp only. The value is the exact KL divergence to the teacher's float32
+  distribution; the student's logits are the head applied in float32 to its last hidden states. Models
+  whose logits are not that linear head (a final softcap, a logit scale) keep the full probabilities in
+  float16 instead, `2 * vocab_size + 8` bytes per token (SmolLM2: 96 KiB, 1.5 GiB for 16k tokens), exact
+  for the float16-rounded distribution.
 - `topk_kl`: the `k` largest log-probabilities (float32) and their indices (int32),
   `8 * k` bytes per token whatever the vocabulary (k=128: 1 KiB per token, 1 GiB for 2^20 tokens).
   The remaining probability mass forms one extra bucket, so the value is the exact KL divergence
@@ -54,6 +59,9 @@ __all__ = ["Minibatch", "draw_minibatch", "FitnessEvaluator", "teacher_cache_byt
 # A minibatch is a list of (calibration sequence index, number of leading tokens used).
 Minibatch = list[tuple[int, int]]
 _KL_CHUNK_CPU, _KL_CHUNK_ACCELERATOR = 16, 8192
+# Bytes of float32 logits `kl` computes at once through the output head for its logsumexp (larger chunks
+# keep the matrix product efficient; SmolLM2: 1,365 tokens on a CPU).
+_HEAD_CHUNK_CPU, _HEAD_CHUNK_ACCELERATOR = 256 * 2**20, 2**30
 # Bytes of output-head rows `topk_kl_renormalized` gathers at once: on CPUs few enough to stay in cache
 # (SmolLM2: 56 tokens' rows), on accelerators enough to keep them busy.
 _HEAD_ROWS_CHUNK_CPU, _HEAD_ROWS_CHUNK_ACCELERATOR = 16 * 2**20, 256 * 2**20
@@ -79,10 +87,11 @@ def draw_minibatch(num_sequences: int, sequence_length: int, num_tokens: int, rn
     return batch
 
 
-def teacher_cache_bytes(kind: str, num_tokens: int, vocab_size: int, topk: int) -> int:
-    """Bytes the teacher cache takes for `num_tokens` calibration tokens."""
+def teacher_cache_bytes(kind: str, num_tokens: int, vocab_size: int, topk: int, hidden_size: int | None = None) -> int:
+    """Bytes the teacher cache takes for `num_tokens` calibration tokens (`kl`: projected through the output
+    head when `hidden_size` is given, full probabilities otherwise)."""
     if kind == "kl":
-        return num_tokens * (vocab_size * 2 + 8)
+        return num_tokens * (hidden_size * 4 + 8 if hidden_size else vocab_size * 2 + 8)
     if kind in TOPK_FITNESS_KINDS:
         return num_tokens * topk * 8
     return 0
@@ -95,6 +104,13 @@ def prefix_cache_budget(device: torch.device) -> int:
     import psutil  # noqa: PLC0415
 
     return psutil.virtual_memory().available // 4
+
+
+def _logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """Row-wise logsumexp; on CPUs in pieces of rows small enough to stay in cache for its two passes."""
+    if logits.device.type != "cpu":
+        return torch.logsumexp(logits, -1)
+    return torch.cat([torch.logsumexp(piece, -1) for piece in logits.split(_KL_CHUNK_CPU)])
 
 
 class _Passthrough(nn.Module):
@@ -150,9 +166,10 @@ class FitnessEvaluator:
         prefix_budget: bytes the kept block inputs may take (default: `prefix_cache_budget`).
     """
 
-    # `topk_kl_renormalized` computes only the output-head rows it needs; False computes every row and
-    # gathers them (the straightforward way, kept for benchmarks/search_speed.py).
-    head_rows = True
+    # `topk_kl_renormalized` computes only the output-head rows it needs, and `kl` caches the teacher projected
+    # through the output head. False is the straightforward way, kept for benchmarks/search_speed.py: the model
+    # computes its whole head, `kl` caches full probabilities.
+    head_shortcuts = True
 
     def __init__(self, model: torch.nn.Module, sequences: torch.Tensor, kind: str = "kl", topk: int = 128,
                  batch_size: int = 8, layers: nn.ModuleList | None = None, prefix_budget: int | None = None) -> None:
@@ -163,14 +180,19 @@ class FitnessEvaluator:
         self.kind = kind
         self.topk = topk
         self.batch_size = batch_size
+        # kl: per token, sum p log p - p . b (the terms without the student), sum p, and W^T p (projected) or p.
+        self.teacher_offset: torch.Tensor | None = None
+        self.teacher_mass: torch.Tensor | None = None
+        self.teacher_projection: torch.Tensor | None = None
         self.teacher_probs: torch.Tensor | None = None
-        self.teacher_entropy: torch.Tensor | None = None  # sum p log p per token (kl)
-        self.teacher_mass: torch.Tensor | None = None  # sum p per token after float16 rounding (kl)
+        self._projected = False  # kl reads the teacher through the output head (decided by cache_teacher)
+        self._head32: tuple[torch.Tensor, torch.Tensor | None] | None = None
         # Top-k log-probabilities (for `topk_kl_renormalized`: renormalised over the top k) and their token ids.
         self.teacher_values: torch.Tensor | None = None
         self.teacher_indices: torch.Tensor | None = None
         self.forward_seconds = 0.0
         self.metric_seconds = 0.0
+        self.head_seconds = 0.0  # the output head's products that `kl` computes itself
         self.layers = layers
         self.prefix_budget = prefix_budget
         # Per forward group of the recorded minibatch: {block index: that block's input}.
@@ -192,13 +214,18 @@ class FitnessEvaluator:
         return self.sequences.shape[1]
 
     def cache_bytes(self) -> int:
-        tensors = (self.teacher_probs, self.teacher_entropy, self.teacher_mass, self.teacher_values,
-                   self.teacher_indices)
+        tensors = (self.teacher_offset, self.teacher_mass, self.teacher_projection, self.teacher_probs,
+                   self.teacher_values, self.teacher_indices)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     @property
     def _restricted_head(self) -> bool:
-        return self.kind == "topk_kl_renormalized" and self.head_rows
+        return self.kind == "topk_kl_renormalized" and self.head_shortcuts
+
+    @property
+    def _hidden_outputs(self) -> bool:
+        """Whether a scored forward pass stops at the last hidden states (the fitness applies the head itself)."""
+        return self._restricted_head or self._projected
 
     @torch.no_grad()
     def _logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -210,7 +237,7 @@ class FitnessEvaluator:
     @torch.no_grad()
     def _outputs(self, input_ids: torch.Tensor) -> torch.Tensor:
         """What a scored forward pass gives: the logits, or the last hidden states when only head rows are needed."""
-        return self._hidden(input_ids) if self._restricted_head else self._logits(input_ids)
+        return self._hidden(input_ids) if self._hidden_outputs else self._logits(input_ids)
 
     @torch.no_grad()
     def _hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -261,6 +288,38 @@ class FitnessEvaluator:
                 f"states, but for {type(self.model).__name__} they differ from the model's logits by up to "
                 f"{difference:.3g}; use fitness='topk_kl' or 'kl'")
         self._head_checked = True
+
+    def _head_float32(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The output head's weight and bias in float32 on `device`, kept (a float32 head there is not copied)."""
+        if self._head32 is None or self._head32[0].device != device:
+            head = self.model.get_output_embeddings()
+            weight, bias = stored_weight(head), stored_weight(head, "bias")
+            self._head32 = (weight.to(device, torch.float32),
+                            None if bias is None else bias.to(device, torch.float32))
+        return self._head32
+
+    def _head_chunks(self, hidden: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+        """Float32 logits of the rows of `hidden` ([tokens, hidden]) through the output head, chunk by chunk."""
+        weight, bias = self._head_float32(hidden.device)
+        budget = _HEAD_CHUNK_CPU if hidden.device.type == "cpu" else _HEAD_CHUNK_ACCELERATOR
+        chunk = max(1, budget // (4 * weight.shape[0]))
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            clock = time.perf_counter()
+            logits = F.linear(hidden[rows].float(), weight, bias)
+            self.head_seconds += time.perf_counter() - clock
+            yield rows, logits
+
+    @torch.no_grad()
+    def _head_is_linear(self) -> bool:
+        """Whether the model's logits are its output head applied to the last hidden states, as the projected
+        `kl` cache needs (not so with a final softcap or a logit scale)."""
+        if getattr(self.model.config, "final_logit_softcapping", None):
+            return False
+        input_ids = self.sequences[:1, :32]
+        logits = self._logits(input_ids)[0]
+        linear = torch.cat([z for _, z in self._head_chunks(self._hidden(input_ids)[0])]).to(logits.device)
+        return torch.allclose(linear, logits, rtol=0.01, atol=0.01 * float(logits.abs().max()))
 
     @contextlib.contextmanager
     def _swapped_blocks(self, replacements: dict[int, nn.Module]) -> Iterator[None]:
@@ -318,10 +377,15 @@ class FitnessEvaluator:
             return
         if self._restricted_head and not self._head_checked:
             self.check_output_head()
+        self._projected = self.kind == "kl" and self.head_shortcuts and self._head_is_linear()
         n = self.sequences.shape[0]
         chunks = []
         for start in tqdm(range(0, n, self.batch_size), desc="dense outputs", disable=not progress):
-            logprobs = F.log_softmax(self._logits(self.sequences[start:start + self.batch_size]), dim=-1)
+            input_ids = self.sequences[start:start + self.batch_size]
+            if self._projected:
+                chunks.append(self._project_teacher(self._hidden(input_ids)))
+                continue
+            logprobs = F.log_softmax(self._logits(input_ids), dim=-1)
             if self.kind == "kl":
                 probs = logprobs.exp().to(torch.float16)
                 rounded = probs.float()
@@ -331,10 +395,27 @@ class FitnessEvaluator:
                 if self.kind == "topk_kl_renormalized":
                     values = values - torch.logsumexp(values, -1, keepdim=True)
                 chunks.append((values.cpu(), indices.to("cpu", torch.int32)))
-        if self.kind == "kl":
-            self.teacher_probs, self.teacher_entropy, self.teacher_mass = (torch.cat(c) for c in zip(*chunks))
+        if self._projected:
+            self.teacher_offset, self.teacher_mass, self.teacher_projection = (torch.cat(c) for c in zip(*chunks))
+        elif self.kind == "kl":
+            self.teacher_probs, self.teacher_offset, self.teacher_mass = (torch.cat(c) for c in zip(*chunks))
         else:
             self.teacher_values, self.teacher_indices = (torch.cat(c) for c in zip(*chunks))
+
+    def _project_teacher(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per token of `hidden` ([sequences, tokens, hidden]): sum p log p - p . b, sum p and W^T p on the CPU."""
+        weight, bias = self._head_float32(hidden.device)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        offset, mass = (torch.empty(flat.shape[0]) for _ in range(2))
+        projection = torch.empty(flat.shape[0], flat.shape[1])
+        for rows, logits in self._head_chunks(flat):
+            logprobs = F.log_softmax(logits, dim=-1)
+            probs = logprobs.exp()
+            constant = (probs * logprobs).sum(-1) - (probs @ bias if bias is not None else 0)
+            offset[rows], mass[rows] = constant.cpu(), probs.sum(-1).cpu()
+            projection[rows] = (probs @ weight).cpu()
+        shape = hidden.shape[:-1]
+        return offset.view(shape), mass.view(shape), projection.view(*shape, -1)
 
     def _groups(self, batch: Minibatch) -> list[tuple[list[int], int]]:
         """Groups the minibatch into forward passes of up to `batch_size` sequences of one length."""
@@ -387,7 +468,7 @@ class FitnessEvaluator:
         """How many states `score_stacked` may score at once on `batch` within the memory budget of prefix reuse."""
         config = self.model.config
         rows = max(len(indices) * length for indices, length in self._groups(batch))
-        width = config.hidden_size if self._restricted_head else config.vocab_size
+        width = config.hidden_size if self._hidden_outputs else config.vocab_size
         inner = max(config.hidden_size, getattr(config, "intermediate_size", None) or 4 * config.hidden_size)
         # Per stacked copy, in float32: the outputs and as much again for the fitness's temporaries, and a
         # few activations of the widest layer inside a block.
@@ -398,7 +479,7 @@ class FitnessEvaluator:
                first_block: int = 0, copies: int = 1) -> list[float]:
         """Mean fitness over `batch` of each of the `copies` stacked states; `forward(input_ids, group number)`
         gives each forward group's logits (or last hidden states)."""
-        if self.kind != "ppl" and self.teacher_probs is None and self.teacher_values is None:
+        if self.kind != "ppl" and self.teacher_offset is None and self.teacher_values is None:
             raise RuntimeError("call cache_teacher() before score()")
         totals, count = [0.0] * copies, 0
         for group, (indices, length) in enumerate(self._groups(batch)):
@@ -409,7 +490,7 @@ class FitnessEvaluator:
             if self.kind == "topk_kl_renormalized":  # the student's logits on the teacher's top k (head work)
                 start = time.perf_counter()
                 top = _stack(self.teacher_indices[index, :length].to(outputs.device, torch.long), copies)
-                outputs = self._head_rows(outputs, top) if self.head_rows else outputs.gather(-1, top)
+                outputs = self._head_rows(outputs, top) if self.head_shortcuts else outputs.gather(-1, top)
                 self.forward_seconds += time.perf_counter() - start
             start = time.perf_counter()
             for copy, logits in enumerate(outputs.chunk(copies)):
@@ -427,6 +508,19 @@ class FitnessEvaluator:
             targets = self.sequences[index, 1:length].to(device)
             nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
             return float(nll), targets.numel()
+        if self._projected:  # `logits` holds the student's last hidden states
+            hidden = logits.reshape(-1, logits.shape[-1])
+            offset, mass, projection = (t[index, :length].flatten(0, 1).to(device) for t in (
+                self.teacher_offset, self.teacher_mass, self.teacher_projection))
+            before = self.head_seconds
+            logsumexp = torch.empty_like(offset)
+            for rows, z in self._head_chunks(hidden):
+                logsumexp[rows] = _logsumexp(z)
+            head_seconds = self.head_seconds - before  # the output head's product is forward work, as in the model
+            self.forward_seconds += head_seconds
+            self.metric_seconds -= head_seconds
+            kl = offset - torch.linalg.vecdot(hidden.float(), projection) + mass * logsumexp
+            return float(kl.sum()), kl.numel()
         if self.kind == "kl":
             total = torch.zeros((), device=device)
             # Each sequence's cached rows are read in place (a view, no gathered copy), in chunks of tokens small
@@ -434,7 +528,7 @@ class FitnessEvaluator:
             chunk = _KL_CHUNK_CPU if device.type == "cpu" else _KL_CHUNK_ACCELERATOR
             for row, sequence in enumerate(index.tolist()):
                 probs = self.teacher_probs[sequence, :length]
-                entropy = self.teacher_entropy[sequence, :length].to(device)
+                entropy = self.teacher_offset[sequence, :length].to(device)
                 mass = self.teacher_mass[sequence, :length].to(device)
                 for start in range(0, length, chunk):
                     z = logits[row, start:start + chunk]

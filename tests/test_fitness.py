@@ -26,22 +26,83 @@ def setup():
     return model, dense_logits, method
 
 
-def test_kl_is_zero_for_the_dense_model_and_exact_otherwise(setup):
-    model, dense_logits, method = setup
-    evaluator = FitnessEvaluator(model, SEQUENCES, "kl", batch_size=4)
+def with_head_bias(model):
+    """`model` with a non-zero output-head bias (as some architectures have)."""
+    head = model.get_output_embeddings()
+    head.bias = torch.nn.Parameter(torch.randn(head.out_features, generator=torch.Generator().manual_seed(1)))
+    return model
+
+
+def with_scaled_logits(model):
+    """`model` whose logits are scaled after the output head (a logit scale the head does not apply)."""
+    plain_forward = type(model).forward
+
+    def scaled_forward(self, *args, **kwargs):
+        out = plain_forward(self, *args, **kwargs)
+        out.logits = out.logits * 3
+        return out
+
+    model.forward = scaled_forward.__get__(model)
+    return model
+
+
+@pytest.mark.parametrize("model_type, overrides, change, projected", [
+    ("llama", {}, None, True), ("llama", {"tie_word_embeddings": True}, None, True),
+    ("llama", {}, with_head_bias, True), ("qwen2", {}, None, True),
+    # Logits that are not the linear head of the last hidden states: full probabilities are cached instead.
+    ("gemma3_text", {"final_logit_softcapping": 30.0}, None, False), ("llama", {}, with_scaled_logits, False)])
+def test_kl_is_zero_for_the_dense_model_and_exact_otherwise(model_type, overrides, change, projected):
+    model = make_model(model_type, **overrides)
+    if change is not None:
+        model = change(model)
+    with torch.no_grad():
+        dense_logits = model(input_ids=SEQUENCES).logits
+    method = DepthPruning(model, EvoPressConfig(target=0.34))
+    evaluator = FitnessEvaluator(model, SEQUENCES, "kl", batch_size=4, layers=model.model.layers)
     evaluator.cache_teacher(progress=False)
+    hidden = model.config.hidden_size if projected else None
+    assert evaluator.cache_bytes() == teacher_cache_bytes("kl", SEQUENCES.numel(), 320, 0, hidden)
     everything = [(i, 16) for i in range(6)]
     assert abs(evaluator.score(everything)) < 1e-5
     method.set_levels((0, 1, 0, 1, 0, 0))
+    if projected:  # the model stops at its last hidden states: the fitness applies the head itself
+        calls = []
+        hook = model.get_output_embeddings().register_forward_hook(lambda *args: calls.append(1))
+        evaluator.score(everything)
+        hook.remove()
+        assert calls == []
     with torch.no_grad():
         student_logits = model(input_ids=SEQUENCES).logits
     expected = reference_kl(dense_logits, student_logits)
     assert expected > 0.01
-    assert evaluator.score(everything) == pytest.approx(expected, rel=2e-3)
+    # Projected: the exact KL divergence (float32 rounding only); full probabilities: float16-rounded teacher.
+    tolerance = 1e-5 if projected else 2e-3
+    assert evaluator.score(everything) == pytest.approx(expected, rel=tolerance)
     # A partial sequence scores the first tokens only (causal models: same as the full sequence's prefix).
     assert evaluator.score([(2, 5)]) == pytest.approx(reference_kl(dense_logits[2, :5], student_logits[2, :5]),
-                                                        rel=2e-3)
-    assert evaluator.cache_bytes() == teacher_cache_bytes("kl", SEQUENCES.numel(), 320, 0)
+                                                        rel=tolerance)
+    # Prefix reuse gives the same value.
+    batch = everything[:3] + [(4, 9)]
+    method.set_levels((0, 0, 0, 1, 0, 0))
+    evaluator.record_prefix(batch)
+    assert evaluator.score(batch, start_block=3) == evaluator.score(batch)
+
+
+def test_kl_without_the_head_shortcut_caches_full_probabilities_and_agrees(setup):
+    model, _, method = setup
+    values = {}
+    for shortcut in (True, False):
+        FitnessEvaluator.head_shortcuts = shortcut
+        try:
+            method.reset()
+            evaluator = FitnessEvaluator(model, SEQUENCES, "kl", batch_size=4)
+            evaluator.cache_teacher(progress=False)
+            method.set_levels((0, 1, 0, 0, 1, 0))
+            values[shortcut] = evaluator.score([(i, 16) for i in range(6)])
+        finally:
+            FitnessEvaluator.head_shortcuts = True
+        assert (evaluator.teacher_probs is None) == shortcut
+    assert values[False] == pytest.approx(values[True], rel=2e-3)
 
 
 def test_topk_kl_is_a_lower_bound_that_becomes_exact_with_the_whole_vocabulary(setup):
@@ -111,23 +172,15 @@ def test_renormalized_topk_kl_reads_only_head_rows_and_equals_the_conditional_kl
     evaluator.record_prefix(batch)
     resumed = evaluator.score(batch, start_block=3)
     assert resumed == evaluator.score(batch)
-    FitnessEvaluator.head_rows = False
+    FitnessEvaluator.head_shortcuts = False
     try:
         assert evaluator.score(batch) == pytest.approx(resumed, rel=1e-5)
     finally:
-        FitnessEvaluator.head_rows = True
+        FitnessEvaluator.head_shortcuts = True
 
 
 def test_renormalized_topk_kl_refuses_a_model_whose_logits_are_not_its_head_rows():
-    model = make_model()
-    plain_forward = type(model).forward
-
-    def scaled_forward(self, *args, **kwargs):  # a logit scale the output head does not apply
-        out = plain_forward(self, *args, **kwargs)
-        out.logits = out.logits * 3
-        return out
-
-    model.forward = scaled_forward.__get__(model)
+    model = with_scaled_logits(make_model())
     evaluator = FitnessEvaluator(model, SEQUENCES, "topk_kl_renormalized", topk=8)
     with pytest.raises(ValueError, match="differ from the model's logits.*fitness='topk_kl'"):
         evaluator.check_output_head()
