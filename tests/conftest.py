@@ -64,6 +64,19 @@ def make_model(model_type: str = "llama", num_layers: int = 6, vocab_size: int =
     return model.eval()
 
 
+def with_scaled_logits(model):
+    """`model` whose logits are scaled after the output head (a logit scale the head does not apply)."""
+    plain_forward = type(model).forward
+
+    def scaled_forward(self, *args, **kwargs):
+        out = plain_forward(self, *args, **kwargs)
+        out.logits = out.logits * 3
+        return out
+
+    model.forward = scaled_forward.__get__(model)
+    return model
+
+
 def disk_offload_map(offloaded, num_layers: int = 6) -> dict[str, str]:
     """A `device_map` for `make_model` that offloads the blocks in `offloaded` to disk and keeps the rest on the CPU."""
     return {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",

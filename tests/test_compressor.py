@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import optimum_evopress.compressor as compressor_module
-from conftest import corpus, make_model, reload_in_fresh_process
+from conftest import corpus, make_model, reload_in_fresh_process, with_scaled_logits
 from optimum_evopress import EvoPressCompressor, EvoPressConfig
 from optimum_evopress.configuration import CONFIG_NAME
 
@@ -123,15 +123,7 @@ def test_topk_beyond_the_vocabulary_fails_first(tokenizer, no_data_loading):
 
 
 def test_renormalized_topk_kl_on_a_model_with_scaled_logits_fails_before_the_database(tokenizer, tmp_path):
-    model = make_model()
-    plain_forward = type(model).forward
-
-    def scaled_forward(self, *args, **kwargs):
-        out = plain_forward(self, *args, **kwargs)
-        out.logits = out.logits * 3
-        return out
-
-    model.forward = scaled_forward.__get__(model)
+    model = with_scaled_logits(make_model())
     config = small_config(method="sparsity", target=0.5, fitness="topk_kl_renormalized", topk=8,
                           database_dir=str(tmp_path / "db"))
     with pytest.raises(ValueError, match="topk_kl_renormalized.*differ from the model's logits"):

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_model
+from conftest import make_model, with_scaled_logits
 from optimum_evopress import EvoPressConfig
 from optimum_evopress.fitness import FitnessEvaluator, draw_minibatch, teacher_cache_bytes
 from optimum_evopress.methods import DepthPruning
@@ -30,19 +30,6 @@ def with_head_bias(model):
     """`model` with a non-zero output-head bias (as some architectures have)."""
     head = model.get_output_embeddings()
     head.bias = torch.nn.Parameter(torch.randn(head.out_features, generator=torch.Generator().manual_seed(1)))
-    return model
-
-
-def with_scaled_logits(model):
-    """`model` whose logits are scaled after the output head (a logit scale the head does not apply)."""
-    plain_forward = type(model).forward
-
-    def scaled_forward(self, *args, **kwargs):
-        out = plain_forward(self, *args, **kwargs)
-        out.logits = out.logits * 3
-        return out
-
-    model.forward = scaled_forward.__get__(model)
     return model
 
 
