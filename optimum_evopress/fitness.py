@@ -192,7 +192,6 @@ class FitnessEvaluator:
         self.teacher_indices: torch.Tensor | None = None
         self.forward_seconds = 0.0
         self.metric_seconds = 0.0
-        self.head_seconds = 0.0  # the output head's products that `kl` computes itself
         self.layers = layers
         self.prefix_budget = prefix_budget
         # Per forward group of the recorded minibatch: {block index: that block's input}.
@@ -275,9 +274,7 @@ class FitnessEvaluator:
         Runs one short calibration sequence; raises a `ValueError` when the model transforms its logits in
         a way the rows do not (for instance a logit scale), before any expensive work.
         """
-        input_ids = self.sequences[:1, :32]
-        logits = self._logits(input_ids)
-        hidden = self._hidden(input_ids)
+        logits, hidden = self._probe()
         indices = logits.topk(min(self.topk, logits.shape[-1]), dim=-1).indices
         rows, expected = self._head_rows(hidden, indices), logits.gather(-1, indices)
         tolerance = 0.02 * float(expected.abs().max())
@@ -289,6 +286,12 @@ class FitnessEvaluator:
                 f"{difference:.3g}; use fitness='topk_kl' or 'kl'")
         self._head_checked = True
 
+    @torch.no_grad()
+    def _probe(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's logits and last hidden states on one short calibration sequence, to check the head against."""
+        input_ids = self.sequences[:1, :32]
+        return self._logits(input_ids), self._hidden(input_ids)
+
     def _head_float32(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The output head's weight and bias in float32 on `device`, kept (a float32 head there is not copied)."""
         if self._head32 is None or self._head32[0].device != device:
@@ -298,8 +301,9 @@ class FitnessEvaluator:
                             None if bias is None else bias.to(device, torch.float32))
         return self._head32
 
-    def _head_chunks(self, hidden: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
-        """Float32 logits of the rows of `hidden` ([tokens, hidden]) through the output head, chunk by chunk."""
+    def _head_chunks(self, hidden: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor, float]]:
+        """Float32 logits of the rows of `hidden` ([tokens, hidden]) through the output head, chunk by chunk, with
+        the seconds the chunk's product took."""
         weight, bias = self._head_float32(hidden.device)
         budget = _HEAD_CHUNK_CPU if hidden.device.type == "cpu" else _HEAD_CHUNK_ACCELERATOR
         chunk = max(1, budget // (4 * weight.shape[0]))
@@ -307,8 +311,7 @@ class FitnessEvaluator:
             rows = slice(start, start + chunk)
             clock = time.perf_counter()
             logits = F.linear(hidden[rows].float(), weight, bias)
-            self.head_seconds += time.perf_counter() - clock
-            yield rows, logits
+            yield rows, logits, time.perf_counter() - clock
 
     @torch.no_grad()
     def _head_is_linear(self) -> bool:
@@ -316,9 +319,8 @@ class FitnessEvaluator:
         `kl` cache needs (not so with a final softcap or a logit scale)."""
         if getattr(self.model.config, "final_logit_softcapping", None):
             return False
-        input_ids = self.sequences[:1, :32]
-        logits = self._logits(input_ids)[0]
-        linear = torch.cat([z for _, z in self._head_chunks(self._hidden(input_ids)[0])]).to(logits.device)
+        logits, hidden = (t[0] for t in self._probe())
+        linear = torch.cat([z for _, z, _ in self._head_chunks(hidden)]).to(logits.device)
         return torch.allclose(linear, logits, rtol=0.01, atol=0.01 * float(logits.abs().max()))
 
     @contextlib.contextmanager
@@ -408,7 +410,7 @@ class FitnessEvaluator:
         flat = hidden.reshape(-1, hidden.shape[-1])
         offset, mass = (torch.empty(flat.shape[0]) for _ in range(2))
         projection = torch.empty(flat.shape[0], flat.shape[1])
-        for rows, logits in self._head_chunks(flat):
+        for rows, logits, _ in self._head_chunks(flat):
             logprobs = F.log_softmax(logits, dim=-1)
             probs = logprobs.exp()
             constant = (probs * logprobs).sum(-1) - (probs @ bias if bias is not None else 0)
@@ -512,12 +514,11 @@ class FitnessEvaluator:
             hidden = logits.reshape(-1, logits.shape[-1])
             offset, mass, projection = (t[index, :length].flatten(0, 1).to(device) for t in (
                 self.teacher_offset, self.teacher_mass, self.teacher_projection))
-            before = self.head_seconds
-            logsumexp = torch.empty_like(offset)
-            for rows, z in self._head_chunks(hidden):
+            logsumexp, head_seconds = torch.empty_like(offset), 0.0
+            for rows, z, seconds in self._head_chunks(hidden):
                 logsumexp[rows] = _logsumexp(z)
-            head_seconds = self.head_seconds - before  # the output head's product is forward work, as in the model
-            self.forward_seconds += head_seconds
+                head_seconds += seconds
+            self.forward_seconds += head_seconds  # the output head's product is forward work, as in the model
             self.metric_seconds -= head_seconds
             kl = offset - torch.linalg.vecdot(hidden.float(), projection) + mass * logsumexp
             return float(kl.sum()), kl.numel()
@@ -528,13 +529,13 @@ class FitnessEvaluator:
             chunk = _KL_CHUNK_CPU if device.type == "cpu" else _KL_CHUNK_ACCELERATOR
             for row, sequence in enumerate(index.tolist()):
                 probs = self.teacher_probs[sequence, :length]
-                entropy = self.teacher_offset[sequence, :length].to(device)
+                offset = self.teacher_offset[sequence, :length].to(device)
                 mass = self.teacher_mass[sequence, :length].to(device)
                 for start in range(0, length, chunk):
                     z = logits[row, start:start + chunk]
                     p = probs[start:start + chunk].to(device, torch.float32, non_blocking=True)
                     cross = torch.linalg.vecdot(p, z)
-                    total += (entropy[start:start + chunk] - cross
+                    total += (offset[start:start + chunk] - cross
                               + mass[start:start + chunk] * torch.logsumexp(z, -1)).sum()
             return float(total), len(index) * length
         values = self.teacher_values[index, :length].to(device)

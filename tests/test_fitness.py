@@ -75,19 +75,16 @@ def test_kl_is_zero_for_the_dense_model_and_exact_otherwise(model_type, override
     assert evaluator.score(batch, start_block=3) == evaluator.score(batch)
 
 
-def test_kl_without_the_head_shortcut_caches_full_probabilities_and_agrees(setup):
+def test_kl_without_the_head_shortcut_caches_full_probabilities_and_agrees(setup, monkeypatch):
     model, _, method = setup
     values = {}
     for shortcut in (True, False):
-        FitnessEvaluator.head_shortcuts = shortcut
-        try:
-            method.reset()
-            evaluator = FitnessEvaluator(model, SEQUENCES, "kl", batch_size=4)
-            evaluator.cache_teacher(progress=False)
-            method.set_levels((0, 1, 0, 0, 1, 0))
-            values[shortcut] = evaluator.score([(i, 16) for i in range(6)])
-        finally:
-            FitnessEvaluator.head_shortcuts = True
+        monkeypatch.setattr(FitnessEvaluator, "head_shortcuts", shortcut)
+        method.reset()
+        evaluator = FitnessEvaluator(model, SEQUENCES, "kl", batch_size=4)
+        evaluator.cache_teacher(progress=False)
+        method.set_levels((0, 1, 0, 0, 1, 0))
+        values[shortcut] = evaluator.score([(i, 16) for i in range(6)])
         assert (evaluator.teacher_probs is None) == shortcut
     assert values[False] == pytest.approx(values[True], rel=2e-3)
 
@@ -120,7 +117,7 @@ def reference_renormalized_kl(teacher_logits, student_logits, k):
 
 @pytest.mark.parametrize("model_type, overrides", [("llama", {}), ("llama", {"tie_word_embeddings": True}),
                                                    ("gemma3_text", {"final_logit_softcapping": 2.0})])
-def test_renormalized_topk_kl_reads_only_head_rows_and_equals_the_conditional_kl(model_type, overrides):
+def test_renormalized_topk_kl_reads_only_head_rows_and_equals_the_conditional_kl(model_type, overrides, monkeypatch):
     model = make_model(model_type, **overrides)
     with torch.no_grad():
         dense_logits = model(input_ids=SEQUENCES).logits
@@ -159,11 +156,8 @@ def test_renormalized_topk_kl_reads_only_head_rows_and_equals_the_conditional_kl
     evaluator.record_prefix(batch)
     resumed = evaluator.score(batch, start_block=3)
     assert resumed == evaluator.score(batch)
-    FitnessEvaluator.head_shortcuts = False
-    try:
-        assert evaluator.score(batch) == pytest.approx(resumed, rel=1e-5)
-    finally:
-        FitnessEvaluator.head_shortcuts = True
+    monkeypatch.setattr(FitnessEvaluator, "head_shortcuts", False)
+    assert evaluator.score(batch) == pytest.approx(resumed, rel=1e-5)
 
 
 def test_renormalized_topk_kl_refuses_a_model_whose_logits_are_not_its_head_rows():
