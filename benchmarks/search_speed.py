@@ -5,10 +5,13 @@ runs in several ways on the same database with the same seed, so all score the s
 must reach the same fitness values:
 
 - `ours`: every variant is decoded once and a swap points the layer's weight at it (no copy), each
-  offspring runs only from its first block that differs from the parent (prefix reuse), and the fitness
+  offspring runs only from its first block that differs from the parent (prefix reuse, from the parent's
+  block inputs, kept across stages and generations while the parent stays), and the fitness
   applies the output head itself: `kl` reads the teacher projected through the head (hidden-size floats
   per token), `topk_kl_renormalized` computes only the head rows at the teacher's top k;
-- `full forward`: the same, but every candidate runs the whole model (`reuse_prefix=False`);
+- `stage prefix`: `ours`, but the parent's block inputs are kept for one selection stage only, so each stage
+  runs the parent again on its tokens (how prefix reuse worked before the inputs were kept across stages);
+- `full forward`: `ours`, but every candidate runs the whole model (`reuse_prefix=False`);
 - `full head`: `ours` with the model computing its whole head, and for `kl` the teacher's full
   probabilities in float16 (`FitnessEvaluator.head_shortcuts = False`);
 - `reference`: the straightforward implementation, as the reference code does it: each changed layer's
@@ -46,11 +49,13 @@ from optimum_evopress import EvoPressCompressor, EvoPressConfig
 from optimum_evopress.fitness import FitnessEvaluator
 from optimum_evopress.methods import get_method_class
 from optimum_evopress.models import load_default_model
+from optimum_evopress.scoring import CandidateScorer
 
 METHODS = {"depth": 0.25, "quantization": 3.0, "sparsity": 0.6}
 # SmolLM2-135M: group size 64 divides every layer's input size (576 and 1536), as in benchmarks/quantization.py.
 EXTRA = {"quantization": {"group_size": 64}}
 MODES = {"ours": dict(database_in_memory=True, reuse_prefix=True, head_shortcuts=True),
+         "stage prefix": dict(database_in_memory=True, reuse_prefix=True, head_shortcuts=True, keep_parent=False),
          "full forward": dict(database_in_memory=True, reuse_prefix=False, head_shortcuts=True),
          "full head": dict(database_in_memory=True, reuse_prefix=True, head_shortcuts=False),
          "reference": dict(database_in_memory=False, reuse_prefix=False, head_shortcuts=False),
@@ -77,10 +82,14 @@ def measure(method: str, mode: str, args: argparse.Namespace, tokenizer) -> dict
     hooks = [block.register_forward_hook(count) for block in model.model.layers]
     compressor = EvoPressCompressor(model, tokenizer)
     FitnessEvaluator.head_shortcuts = MODES[mode]["head_shortcuts"]
+    follow = CandidateScorer._follow
+    if not MODES[mode].get("keep_parent", True):  # forget the parent's block inputs before every stage
+        CandidateScorer._follow = lambda self, reference: self.evaluator.invalidate_prefix(0)
     try:
         compressor.compress(config, progress=False)
     finally:
         FitnessEvaluator.head_shortcuts = True
+        CandidateScorer._follow = follow
     for hook in hooks:
         hook.remove()
     timings = compressor.result.timings

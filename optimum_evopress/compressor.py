@@ -226,6 +226,7 @@ class EvoPressCompressor:
                                          history=[{"candidate_scores": scores}])
                 else:
                     found = SearchResult(assignment=found, fitness=None)
+        evaluator.clear_prefix()
         method.reset()
         timings["search"] = time.perf_counter() - clock
         timings["search_forward"] = evaluator.forward_seconds

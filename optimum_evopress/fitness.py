@@ -27,11 +27,15 @@ The dense model's outputs on the calibration set are computed once and cached on
 All fitness values are means per token; lower is better.
 
 Prefix reuse: a candidate that differs from a reference state (the search's parent) first in block k
-computes the same hidden states as the reference up to block k. `record_prefix` scores the reference
-while keeping the inputs of its blocks (every block's, or every s-th one's within a memory budget);
-`score(batch, start_block=k)` then replays the kept input nearest below block k and runs only the
-blocks from there. The blocks run on the same tensors in the same groups, so the values are
-bit-identical to a full forward pass.
+computes the same hidden states as the reference up to block k. `record_prefix` runs the reference on a
+minibatch's sequences, keeping the inputs of its blocks (every block's, or every s-th one's within a memory
+budget) and its per-token fitness values, per calibration sequence and across calls; `score(batch,
+start_block=k)` then replays the kept input nearest below block k and runs only the blocks from there. A
+sequence recorded once is not run again while the reference stays the same; when the reference changes
+first in block k (`invalidate_prefix(k)`), its kept inputs up to block k stay valid and recording it again
+runs only the blocks from there. Each sequence is computed independently of the others in its forward
+pass, so the values are those of a full forward pass (bit-identical on CPUs, where every row of a batch
+is computed the same way whatever the batch; on GPUs up to float rounding).
 
 Stacked scoring: `score_stacked(batch, n)` stacks each group's sequences n times and scores part i of the
 batch as the i-th of n model states, which `CompressionMethod.stacked` sets up (one forward pass per group
@@ -123,33 +127,29 @@ class _Passthrough(nn.Module):
 class _Replay(nn.Module):
     """Stands in for the block before the resumed one: returns the kept input of the resumed block."""
 
-    def __init__(self, hidden_states: torch.Tensor) -> None:
+    def __init__(self, hidden_states: torch.Tensor, as_tuple: bool) -> None:
         super().__init__()
-        self.hidden_states = hidden_states
+        self.hidden_states, self.as_tuple = hidden_states, as_tuple
 
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return self.hidden_states
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor | tuple:
+        return (self.hidden_states,) if self.as_tuple else self.hidden_states
 
 
-def _stack(tensor: torch.Tensor | tuple, copies: int) -> torch.Tensor | tuple:
-    """`tensor` (or a block output tuple's first element) repeated along the batch for `copies` stacked states."""
-    if copies == 1:
-        return tensor
-    if isinstance(tensor, tuple):
-        return (_stack(tensor[0], copies),) + tensor[1:]
-    return tensor.repeat(copies, *[1] * (tensor.dim() - 1))
+def _stack(tensor: torch.Tensor, copies: int) -> torch.Tensor:
+    """`tensor` repeated along the batch for `copies` stacked states."""
+    return tensor if copies == 1 else tensor.repeat(copies, *[1] * (tensor.dim() - 1))
 
 
 class _Recorder(nn.Module):
-    """Wraps a block and keeps its output (the next block's input)."""
+    """Wraps a block and hands its output (the next block's input) to `keep`."""
 
-    def __init__(self, block: nn.Module, store: dict[int, torch.Tensor], boundary: int) -> None:
+    def __init__(self, block: nn.Module, keep: Callable[[torch.Tensor, bool], None]) -> None:
         super().__init__()
-        self.block, self.store, self.boundary = block, store, boundary
+        self.block, self.keep = block, keep
 
     def forward(self, *args, **kwargs):
         out = self.block(*args, **kwargs)
-        self.store[self.boundary] = out
+        self.keep(out[0] if isinstance(out, tuple) else out, isinstance(out, tuple))
         return out
 
 
@@ -194,9 +194,16 @@ class FitnessEvaluator:
         self.metric_seconds = 0.0
         self.layers = layers
         self.prefix_budget = prefix_budget
-        # Per forward group of the recorded minibatch: {block index: that block's input}.
-        self._prefix: list[dict[int, torch.Tensor]] | None = None
-        self._prefix_batch: Minibatch | None = None
+        # Prefix reuse, per calibration sequence, kept across calls: the reference state's block inputs
+        # ({block b: [sequences, tokens, hidden] input of block b}, at the kept blocks `_boundaries`, None before
+        # the first record) and per-token fitness values; the tokens each sequence was recorded with, and how
+        # many leading blocks of the current reference its kept inputs are valid for (all: values valid too).
+        self._kept: dict[int, torch.Tensor] = {}
+        self._boundaries: list[int] | None = None
+        self._tuple_blocks = False  # the blocks return tuples (the replayed input is returned as one)
+        self._reference_values: torch.Tensor | None = None
+        self._recorded_length = np.zeros(self.num_sequences, dtype=np.int64)
+        self._valid_blocks = np.zeros(self.num_sequences, dtype=np.int64)
         self._head_checked = False  # check_output_head() passed
         self.blocks_run = 0  # decoder blocks run by `score` (times the stacked copies), to measure prefix reuse
 
@@ -338,39 +345,83 @@ class FitnessEvaluator:
         """Bytes the kept block inputs, or the stacked outputs, may take."""
         return self.prefix_budget if self.prefix_budget is not None else prefix_cache_budget(self.device)
 
-    def _stride(self, batch: Minibatch, hidden_bytes: int) -> int:
+    def _stride(self, tokens: int, hidden_bytes: int) -> int:
         """Keep the input of every s-th block, with s the smallest that fits the budget (0: keep none)."""
-        tokens = sum(length for _, length in batch)
         total = tokens * hidden_bytes * (len(self.layers) - 1)
         budget = self._memory_budget()
         if total == 0 or budget < tokens * hidden_bytes:
             return 0
         return max(1, math.ceil(total / budget))
 
+    def _resume_block(self, limit: int) -> int:
+        """The kept block input nearest at or below block `limit` (0: none, run from the embeddings)."""
+        return max((b for b in self._boundaries or () if b <= limit), default=0)
+
+    def _valid_for(self, index: int, length: int) -> int:
+        """Leading blocks of the reference that sequence `index`'s kept inputs are valid for at `length` tokens."""
+        return int(self._valid_blocks[index]) if self._recorded_length[index] == length else 0
+
+    def invalidate_prefix(self, unchanged_blocks: int = 0) -> None:
+        """The reference state changes; its first `unchanged_blocks` blocks stay as they were (0: all may change).
+
+        The kept inputs of those blocks stay valid, so `record_prefix` runs only the blocks after them again.
+        """
+        np.minimum(self._valid_blocks, unchanged_blocks, out=self._valid_blocks)
+
+    def prefix_work(self, batch: Minibatch) -> int:
+        """Block-tokens `record_prefix(batch)` would run: its sequences not yet recorded for the current reference."""
+        n = len(self.layers) if self.layers is not None else 0
+        return sum(length * (n - self._resume_block(self._valid_for(index, length)))
+                   for index, length in batch if self._valid_for(index, length) < n)
+
     @torch.no_grad()
     def record_prefix(self, batch: Minibatch) -> float:
-        """Scores the model's current state on `batch` like `score`, keeping its block inputs for `score(start_block=)`."""
+        """Scores the reference state on `batch` like `score`, keeping its block inputs for `score(start_block=)`.
+
+        The model's current state is the reference. Sequences recorded before for it (see `invalidate_prefix`)
+        are not run again: their kept values give their part of the score.
+        """
         if self.layers is None:
             raise RuntimeError("prefix reuse needs the decoder blocks: FitnessEvaluator(..., layers=...)")
-        reference = next(self.model.parameters())
-        stride = self._stride(batch, self.model.config.hidden_size * reference.element_size())
-        self._prefix, self._prefix_batch = [], list(batch)
-        boundaries = [b for b in range(1, len(self.layers)) if stride and b % stride == 0]
-        stores: list[dict[int, torch.Tensor]] = []
-
-        def forward(input_ids: torch.Tensor, group: int) -> torch.Tensor:
-            store: dict[int, torch.Tensor] = {}
-            stores.append(store)
-            recorders = {b - 1: _Recorder(self.layers[b - 1], store, b) for b in boundaries}
-            with self._swapped_blocks(recorders):
-                return self._outputs(input_ids)
-
-        value = self._score(batch, forward)[0]
-        self._prefix = stores
-        return value
+        if len({index for index, _ in batch}) < len(batch):
+            raise ValueError("record_prefix: the minibatch holds a calibration sequence twice")
+        n = len(self.layers)
+        if self._boundaries is None:
+            reference = next(self.model.parameters())
+            stride = self._stride(self.num_sequences * self.sequence_length,
+                                  self.model.config.hidden_size * reference.element_size())
+            self._boundaries = [b for b in range(1, n) if stride and b % stride == 0]
+            self._reference_values = torch.zeros(self.num_sequences, self.sequence_length)
+        todo: dict[tuple[int, int], Minibatch] = {}
+        for index, length in batch:
+            valid = self._valid_for(index, length)
+            if valid < n:  # grouped by length and the kept input each can resume from
+                todo.setdefault((length, self._resume_block(valid)), []).append((index, length))
+                self._valid_blocks[index], self._recorded_length[index] = valid, length
+        for (_, resume), part in todo.items():
+            for (index, _), tokens in zip(part, self._run(part, resume, record=True)[0]):
+                self._reference_values[index, :len(tokens)] = torch.from_numpy(tokens)
+                self._valid_blocks[index] = n
+        return self._mean([self._reference_values[index, :self._scored_tokens(length)].numpy()
+                           for index, length in batch])
 
     def clear_prefix(self) -> None:
-        self._prefix = self._prefix_batch = None
+        """Forgets the recorded reference and frees its kept block inputs."""
+        self._kept, self._boundaries, self._reference_values = {}, None, None
+        self._valid_blocks[:] = 0
+        self._recorded_length[:] = 0
+
+    def _keeper(self, boundary: int, index: torch.Tensor, length: int) -> Callable[[torch.Tensor, bool], None]:
+        """Writes block `boundary`'s input for the sequences `index` into the kept inputs."""
+        def keep(hidden: torch.Tensor, as_tuple: bool) -> None:
+            store = self._kept.get(boundary)
+            if store is None:
+                store = self._kept[boundary] = hidden.new_empty(
+                    (self.num_sequences, self.sequence_length, hidden.shape[-1]))
+            store[index.to(store.device), :length] = hidden
+            self._tuple_blocks = as_tuple
+
+        return keep
 
     @torch.no_grad()
     def cache_teacher(self, progress: bool = True) -> None:
@@ -420,23 +471,35 @@ class FitnessEvaluator:
         return offset.view(shape), mass.view(shape), projection.view(*shape, -1)
 
     def _groups(self, batch: Minibatch) -> list[tuple[list[int], int]]:
-        """Groups the minibatch into forward passes of up to `batch_size` sequences of one length."""
+        """Groups the minibatch into forward passes of up to `batch_size` sequences of one length (their
+        positions in `batch`)."""
         by_length: dict[int, list[int]] = {}
-        for index, length in batch:
-            by_length.setdefault(length, []).append(index)
+        for position, (_, length) in enumerate(batch):
+            by_length.setdefault(length, []).append(position)
         groups = []
-        for length, indices in by_length.items():
-            for start in range(0, len(indices), self.batch_size):
-                groups.append((indices[start:start + self.batch_size], length))
+        for length, positions in by_length.items():
+            for start in range(0, len(positions), self.batch_size):
+                groups.append((positions[start:start + self.batch_size], length))
         return groups
+
+    def _scored_tokens(self, length: int) -> int:
+        """Tokens with a fitness value in a sequence of `length` tokens (perplexity: those with a next token)."""
+        return max(length - 1, 0) if self.kind == "ppl" else length
+
+    @staticmethod
+    def _mean(values: list[np.ndarray]) -> float:
+        """Mean of per-token values: an exactly rounded sum, whatever the order or grouping of the tokens."""
+        count = sum(len(v) for v in values)
+        return math.fsum(np.concatenate(values).tolist()) / count if count else 0.0
 
     @torch.no_grad()
     def score(self, batch: Minibatch, start_block: int = 0) -> float:
         """Mean per-token fitness of the model's current state on `batch` (lower is better).
 
         Args:
-            start_block: the first block in which the current state differs from the state `record_prefix`
-                scored on this same `batch`; the blocks before it are not run again.
+            start_block: the first block in which the current state differs from the reference state that
+                `record_prefix` recorded; the blocks before it are not run again where the batch's sequences
+                have kept inputs.
         """
         return self.score_stacked(batch, 1, start_block)[0]
 
@@ -446,30 +509,15 @@ class FitnessEvaluator:
         times, and part i of the stacked rows is scored as state i (what `CompressionMethod.stacked` sets up).
 
         Args:
-            start_block: the first block in which any of the states differs from the state `record_prefix`
-                scored on this same `batch`.
+            start_block: the first block in which any of the states differs from the reference state that
+                `record_prefix` recorded.
         """
-        resume = 0
-        if start_block > 0 and self._prefix is not None:
-            if self._prefix_batch != list(batch):
-                raise RuntimeError("score(start_block=...) needs record_prefix() on the same minibatch first")
-            kept = [b for b in (self._prefix[0] if self._prefix else {}) if b <= start_block]
-            resume = max(kept, default=0)
-        if resume == 0:
-            return self._score(batch, lambda input_ids, group: self._outputs(input_ids), copies=copies)
-
-        def forward(input_ids: torch.Tensor, group: int) -> torch.Tensor:
-            replacements: dict[int, nn.Module] = {i: _Passthrough() for i in range(resume - 1)}
-            replacements[resume - 1] = _Replay(_stack(self._prefix[group][resume], copies))
-            with self._swapped_blocks(replacements):
-                return self._outputs(input_ids)
-
-        return self._score(batch, forward, resume, copies)
+        return [self._mean(values) for values in self._run(batch, start_block, copies)]
 
     def stack_limit(self, batch: Minibatch) -> int:
         """How many states `score_stacked` may score at once on `batch` within the memory budget of prefix reuse."""
         config = self.model.config
-        rows = max(len(indices) * length for indices, length in self._groups(batch))
+        rows = max(len(positions) * length for positions, length in self._groups(batch))
         width = config.hidden_size if self._hidden_outputs else config.vocab_size
         inner = max(config.hidden_size, getattr(config, "intermediate_size", None) or 4 * config.hidden_size)
         # Per stacked copy, in float32: the outputs and as much again for the fitness's temporaries, and a
@@ -477,18 +525,37 @@ class FitnessEvaluator:
         per_copy = rows * 4 * (2 * width + 4 * inner)
         return max(1, self._memory_budget() // per_copy)
 
-    def _score(self, batch: Minibatch, forward: Callable[[torch.Tensor, int], torch.Tensor],
-               first_block: int = 0, copies: int = 1) -> list[float]:
-        """Mean fitness over `batch` of each of the `copies` stacked states; `forward(input_ids, group number)`
-        gives each forward group's logits (or last hidden states)."""
+    def _run(self, batch: Minibatch, start_block: int = 0, copies: int = 1,
+             record: bool = False) -> list[list[np.ndarray]]:
+        """Per-token fitness values of each sequence of `batch`, for each of the `copies` stacked states.
+
+        Each forward group resumes from the kept input nearest below `start_block` that is valid for all its
+        sequences. With `record`, the current state is the reference: the inputs of the kept blocks after the
+        resumed one are written to the kept inputs.
+        """
         if self.kind != "ppl" and self.teacher_offset is None and self.teacher_values is None:
             raise RuntimeError("call cache_teacher() before score()")
-        totals, count = [0.0] * copies, 0
-        for group, (indices, length) in enumerate(self._groups(batch)):
+        values: list[list[np.ndarray]] = [[np.empty(0, np.float32)] * len(batch) for _ in range(copies)]
+        for positions, length in self._groups(batch):
+            indices = [batch[position][0] for position in positions]
             index = torch.tensor(indices)
-            outputs = forward(_stack(self.sequences[index, :length], copies), group)
+            resume = 0
+            if self.layers is not None and start_block > 0:
+                resume = self._resume_block(min([start_block] + [self._valid_for(i, length) for i in indices]))
+            replacements: dict[int, nn.Module] = {}
+            if resume:
+                kept = self._kept[resume]
+                replacements = {i: _Passthrough() for i in range(resume - 1)}
+                replacements[resume - 1] = _Replay(_stack(kept[index.to(kept.device), :length], copies),
+                                                   self._tuple_blocks)
+            if record:
+                for b in self._boundaries:
+                    if b > resume:
+                        replacements[b - 1] = _Recorder(self.layers[b - 1], self._keeper(b, index, length))
+            with self._swapped_blocks(replacements):
+                outputs = self._outputs(_stack(self.sequences[index, :length], copies))
             if self.layers is not None:
-                self.blocks_run += (len(self.layers) - first_block) * copies
+                self.blocks_run += (len(self.layers) - resume) * copies
             if self.kind == "topk_kl_renormalized":  # the student's logits on the teacher's top k (head work)
                 start = time.perf_counter()
                 top = _stack(self.teacher_indices[index, :length].to(outputs.device, torch.long), copies)
@@ -496,20 +563,18 @@ class FitnessEvaluator:
                 self.forward_seconds += time.perf_counter() - start
             start = time.perf_counter()
             for copy, logits in enumerate(outputs.chunk(copies)):
-                value, tokens = self._metric(logits, index, length)
-                totals[copy] += value
-            count += tokens
+                per_token = self._metric(logits, index, length).to("cpu", torch.float32).numpy()
+                for position, tokens in zip(positions, per_token):
+                    values[copy][position] = tokens
             self.metric_seconds += time.perf_counter() - start
-        return [total / count for total in totals]
+        return values
 
-    def _metric(self, logits: torch.Tensor, index: torch.Tensor, length: int) -> tuple[float, int]:
+    def _metric(self, logits: torch.Tensor, index: torch.Tensor, length: int) -> torch.Tensor:
+        """Per-token fitness values, `[sequences, scored tokens]`, of one forward group's outputs."""
         device = logits.device
         if self.kind == "ppl":
-            if length < 2:
-                return 0.0, 0
             targets = self.sequences[index, 1:length].to(device)
-            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-            return float(nll), targets.numel()
+            return F.cross_entropy(logits[:, :length - 1].transpose(1, 2), targets, reduction="none")
         if self._projected:  # `logits` holds the student's last hidden states
             hidden = logits.reshape(-1, logits.shape[-1])
             offset, mass, projection = (t[index, :length].flatten(0, 1).to(device) for t in (
@@ -521,9 +586,9 @@ class FitnessEvaluator:
             self.forward_seconds += head_seconds  # the output head's product is forward work, as in the model
             self.metric_seconds -= head_seconds
             kl = offset - torch.linalg.vecdot(hidden.float(), projection) + mass * logsumexp
-            return float(kl.sum()), kl.numel()
+            return kl.view(len(index), length)
         if self.kind == "kl":
-            total = torch.zeros((), device=device)
+            kl = torch.empty(len(index), length, device=device)
             # Each sequence's cached rows are read in place (a view, no gathered copy), in chunks of tokens small
             # enough that a chunk's logits and float32 probabilities stay in the CPU's cache for both passes.
             chunk = _KL_CHUNK_CPU if device.type == "cpu" else _KL_CHUNK_ACCELERATOR
@@ -534,20 +599,17 @@ class FitnessEvaluator:
                 for start in range(0, length, chunk):
                     z = logits[row, start:start + chunk]
                     p = probs[start:start + chunk].to(device, torch.float32, non_blocking=True)
-                    cross = torch.linalg.vecdot(p, z)
-                    total += (offset[start:start + chunk] - cross
-                              + mass[start:start + chunk] * torch.logsumexp(z, -1)).sum()
-            return float(total), len(index) * length
+                    kl[row, start:start + chunk] = (offset[start:start + chunk] - torch.linalg.vecdot(p, z)
+                                                    + mass[start:start + chunk] * torch.logsumexp(z, -1))
+            return kl
         values = self.teacher_values[index, :length].to(device)
         if self.kind == "topk_kl_renormalized":  # `logits` holds the student's logits on the teacher's top k
             student = logits - torch.logsumexp(logits, -1, keepdim=True)
-            kl = (values.exp() * (values - student)).sum(-1)
-            return float(kl.sum()), kl.numel()
+            return (values.exp() * (values - student)).sum(-1)
         indices = self.teacher_indices[index, :length].to(device, torch.long)
         student = logits.gather(-1, indices) - torch.logsumexp(logits, -1, keepdim=True)
         probs = values.exp()
         kl = (probs * (values - student)).sum(-1)
         teacher_rest = (1.0 - probs.sum(-1)).clamp_min(1e-12)
         student_rest = (1.0 - student.exp().sum(-1)).clamp_min(1e-12)
-        kl = kl + teacher_rest * (teacher_rest.log() - student_rest.log())
-        return float(kl.sum()), kl.numel()
+        return kl + teacher_rest * (teacher_rest.log() - student_rest.log())

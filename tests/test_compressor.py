@@ -179,7 +179,7 @@ def test_prefix_reuse_changes_no_fitness_and_runs_fewer_blocks(tokenizer, overri
     import optimum_evopress.fitness as fitness_module
 
     runs = {}
-    original = fitness_module.FitnessEvaluator._score
+    original = fitness_module.FitnessEvaluator._run
     for reuse in (False, True):
         blocks = []
 
@@ -189,7 +189,7 @@ def test_prefix_reuse_changes_no_fitness_and_runs_fewer_blocks(tokenizer, overri
             blocks.append(self.blocks_run - before)
             return value
 
-        monkeypatch.setattr(fitness_module.FitnessEvaluator, "_score", counting)
+        monkeypatch.setattr(fitness_module.FitnessEvaluator, "_run", counting)
         compressor = EvoPressCompressor(make_model(), tokenizer)
         compressor.compress(small_config(**{"generations": 4, "evaluation_tokens": 0, **overrides},
                                          reuse_prefix=reuse), progress=False)

@@ -5,8 +5,10 @@ import torch.nn.functional as F
 
 from conftest import make_model, with_scaled_logits
 from optimum_evopress import EvoPressConfig
+from optimum_evopress.distributed import ProcessGroup
 from optimum_evopress.fitness import FitnessEvaluator, draw_minibatch, teacher_cache_bytes
 from optimum_evopress.methods import DepthPruning
+from optimum_evopress.scoring import CandidateScorer
 
 SEQUENCES = torch.randint(2, 300, (6, 16), generator=torch.Generator().manual_seed(0))
 
@@ -153,11 +155,11 @@ def test_renormalized_topk_kl_reads_only_head_rows_and_equals_the_conditional_kl
     assert bool((mass * conditional <= full + 1e-9).all())
     # Computing every head row and gathering (the straightforward way) gives the same value; so does prefix reuse.
     method.set_levels((0, 0, 0, 1, 0, 0))
-    evaluator.record_prefix(batch)
-    resumed = evaluator.score(batch, start_block=3)
-    assert resumed == evaluator.score(batch)
+    evaluator.record_prefix(batch[:6])
+    resumed = evaluator.score(batch[:6], start_block=3)
+    assert resumed == evaluator.score(batch[:6])
     monkeypatch.setattr(FitnessEvaluator, "head_shortcuts", False)
-    assert evaluator.score(batch) == pytest.approx(resumed, rel=1e-5)
+    assert evaluator.score(batch[:6]) == pytest.approx(resumed, rel=1e-5)
 
 
 def test_renormalized_topk_kl_refuses_a_model_whose_logits_are_not_its_head_rows():
@@ -198,17 +200,17 @@ def test_score_before_caching_is_an_error(setup):
 def test_prefix_reuse_gives_the_full_forward_value_bit_for_bit(budget):
     model = make_model()
     layers = model.model.layers
-    tokens_bytes = 32 * 4 * (6 * 16 + 10)  # hidden size x float32 x tokens of the minibatch below
+    block_input_bytes = 32 * 4 * 6 * 16  # hidden size x float32 x calibration tokens
     evaluator = FitnessEvaluator(model, SEQUENCES, "kl", batch_size=4, layers=layers,
-                                 prefix_budget=None if budget is None else 2 * tokens_bytes)
+                                 prefix_budget=None if budget is None else 2 * block_input_bytes)
     evaluator.cache_teacher(progress=False)
-    batch = [(0, 16), (3, 16), (5, 16), (1, 16), (2, 16), (4, 16), (2, 10)]  # three forward groups
+    batch = [(0, 16), (3, 16), (5, 16), (1, 16), (2, 16), (4, 10)]  # three forward groups
     method = DepthPruning(model, EvoPressConfig(target=0.34))
     method.set_levels((0, 1, 0, 0, 0, 0))
     recorded = evaluator.record_prefix(batch)
     assert recorded == evaluator.score(batch)
-    kept = sorted(evaluator._prefix[0])
-    # Budget for two block inputs: every third block input kept; else all of them.
+    kept = sorted(evaluator._kept)
+    # Budget for two block inputs of the calibration set: every third block input kept; else all of them.
     assert kept == ([3] if budget else [1, 2, 3, 4, 5])
     for changed in (2, 4, 5):
         method.set_levels((0, 1, 0, 0, 0, 0)[:changed] + (1,) + (0,) * (5 - changed))
@@ -217,17 +219,78 @@ def test_prefix_reuse_gives_the_full_forward_value_bit_for_bit(budget):
         assert evaluator.blocks_run == 3 * (6 - max(b for b in [0, *kept] if b <= changed))
         evaluator.blocks_run = 0
         assert resumed == evaluator.score(batch) and evaluator.blocks_run == 3 * 6
-    with pytest.raises(RuntimeError, match="same minibatch"):
-        evaluator.score(batch[:2], start_block=3)
+    # Sequences the reference was not recorded on (here: sequence 3 at 10 tokens) run from the embeddings.
+    evaluator.blocks_run = 0
+    resumed = evaluator.score([(0, 16), (3, 10)], start_block=5)
+    assert evaluator.blocks_run == 2 * 6 - (3 if budget else 5)
+    assert resumed == evaluator.score([(0, 16), (3, 10)])
     evaluator.clear_prefix()
+    assert evaluator._kept == {}
     assert evaluator.score(batch, start_block=3) == evaluator.score(batch)
+
+
+def test_the_reference_is_run_once_per_sequence_and_again_only_after_its_first_change():
+    model = make_model()
+    evaluator = FitnessEvaluator(model, SEQUENCES, "kl", batch_size=4, layers=model.model.layers)
+    evaluator.cache_teacher(progress=False)
+    method = DepthPruning(model, EvoPressConfig(target=0.34))
+    reference = (0, 1, 0, 0, 0, 0)
+    method.set_levels(reference)
+    first, second = [(0, 16), (3, 16), (5, 10)], [(3, 16), (1, 16), (5, 16), (2, 7)]
+    evaluator.record_prefix(first)
+    assert evaluator.prefix_work(first) == 0
+    assert evaluator.prefix_work(second) == (16 + 16 + 7) * 6  # sequence 5 was recorded at 10 tokens only
+    evaluator.blocks_run = 0
+    assert evaluator.record_prefix(second) == evaluator.score(second)
+    assert evaluator.blocks_run == 2 * 6 + 2 * 6  # two groups recorded (16 and 7 tokens), then two scored
+    # Nothing left to run: the reference's score comes from its kept per-token values, bit for bit.
+    evaluator.blocks_run = 0
+    assert evaluator.record_prefix(first[:2]) == evaluator.score(first[:2])
+    assert evaluator.blocks_run == 1 * 6
+    # The reference changes first in block 4: the kept inputs of blocks 1-4 stay, recording runs blocks 4 and 5.
+    reference = (0, 1, 0, 0, 1, 0)
+    method.set_levels(reference)
+    evaluator.invalidate_prefix(4)
+    assert evaluator.prefix_work(second) == (16 + 16 + 16 + 7) * 2
+    evaluator.blocks_run = 0
+    recorded = evaluator.record_prefix(second)
+    assert evaluator.blocks_run == 2 * 2  # the 16-token group and the 7-token one, from block 4
+    assert recorded == evaluator.score(second)
+    # A candidate of the new reference (first change in block 5) resumes from its kept inputs.
+    method.set_levels((0, 1, 0, 0, 1, 1))
+    evaluator.blocks_run = 0
+    assert evaluator.score(second, start_block=5) == evaluator.score(second)
+    assert evaluator.blocks_run == 2 * 1 + 2 * 6
+    evaluator.invalidate_prefix(0)
+    assert evaluator.prefix_work(second) == (16 + 16 + 16 + 7) * 6
+
+
+def test_the_scorer_keeps_the_parents_inputs_across_calls_until_the_parent_changes():
+    model = make_model()
+    method = DepthPruning(model, EvoPressConfig(target=0.34))
+    evaluator = FitnessEvaluator(model, SEQUENCES, "kl", batch_size=4, layers=model.model.layers)
+    evaluator.cache_teacher(progress=False)
+    kept = CandidateScorer(method, evaluator, ProcessGroup())
+    plain = CandidateScorer(method, evaluator, ProcessGroup(), reuse_prefix=False)
+    everything = [(i, 16) for i in range(6)]
+    parent, new_parent = (0, 1, 0, 0, 1, 0), (0, 1, 0, 0, 0, 1)  # the new one differs first in block 4
+    calls = [  # (candidates, tokens, reference, block-tokens the parent has left to run on every sequence after)
+        ([(1, 0, 0, 0, 1, 0), (0, 1, 0, 1, 0, 0), parent], 32, parent, 4 * 16 * 6),
+        ([(0, 1, 1, 0, 0, 0), (0, 1, 0, 0, 1, 1)], 96, parent, 0),
+        ([(0, 1, 1, 0, 0, 0), (0, 0, 0, 1, 0, 1), (0, 1, 0, 1, 0, 0), new_parent], 32, new_parent, 4 * 16 * 2),
+    ]
+    for seed, (candidates, tokens, reference, left) in enumerate(calls):
+        scores = kept(candidates, tokens, np.random.default_rng(seed), reference)
+        assert evaluator.prefix_work(everything) == left
+        # Bit for bit what every candidate's full forward pass gives, the parent's own score included.
+        assert scores == plain(candidates, tokens, np.random.default_rng(seed), reference)
 
 
 def test_stacked_states_score_as_each_state_alone():
     model = make_model()
     evaluator = FitnessEvaluator(model, SEQUENCES, "kl", batch_size=4, layers=model.model.layers)
     evaluator.cache_teacher(progress=False)
-    batch = [(0, 16), (3, 16), (5, 16), (1, 16), (2, 16), (4, 16), (2, 10)]  # three forward groups
+    batch = [(0, 16), (3, 16), (5, 16), (1, 16), (2, 16), (4, 10)]  # three forward groups
     method = DepthPruning(model, EvoPressConfig(target=0.34))
     # The first is the reference; the others differ from it first in blocks 4 and 2.
     states = [(0, 1, 0, 0, 1, 0), (0, 1, 0, 0, 0, 1), (0, 1, 1, 0, 0, 0)]
