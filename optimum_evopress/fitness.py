@@ -205,7 +205,7 @@ class FitnessEvaluator:
         self._recorded_length = np.zeros(self.num_sequences, dtype=np.int64)
         self._valid_blocks = np.zeros(self.num_sequences, dtype=np.int64)
         self._head_checked = False  # check_output_head() passed
-        self.blocks_run = 0  # decoder blocks run by `score` (times the stacked copies), to measure prefix reuse
+        self.blocks_run = 0  # decoder blocks run per forward group (times the stacked copies), to measure prefix reuse
 
     @property
     def device(self) -> torch.device:

@@ -85,7 +85,8 @@ class CandidateScorer:
             if scored or sum(starts.values()) * num_tokens > work:
                 if work:
                     self._set(reference)
-                scores.update(dict.fromkeys(scored, self.evaluator.record_prefix(batch)))
+                reference_score = self.evaluator.record_prefix(batch)
+                scores.update(dict.fromkeys(scored, reference_score))
         todo = [index for index in mine if index not in scores]
         size = max(1, min(self.candidate_batch_size, len(todo)))
         if size > 1:
