@@ -49,7 +49,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     compress.add_argument("--model", default="smollm2-135m",
                           help="local model directory or Hub id; `smollm2-135m` (default) is the built-in offline model")
     compress.add_argument("--output", required=True, help="directory for the compressed checkpoint")
-    compress.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    compress.add_argument("--overwrite", action="store_true", help="replace an earlier EvoPress checkpoint in the output directory")
     compress.add_argument("--format", choices=["compressed-tensors", "gptq"], default=None,
                           help="quantization checkpoint format: compressed-tensors (default; plain transformers and "
                                "vLLM load it) or gptq (bits 2/3/4/8; GPTQModel and vLLM; needs the [gptq] extra)")
@@ -63,6 +63,9 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
             compress.add_argument(flag, type=int, nargs="+", default=None, help=help_text)
         elif f.type == "bool":
             compress.add_argument(flag, type=_boolean, default=None, metavar="{true,false}", help=help_text)
+        elif f.type == "bool | None":
+            compress.add_argument(flag, type=_boolean_or_none, default=None, metavar="{true,false,none}",
+                                  help=help_text + " (`none`: unset)")
         elif f.type == "float":
             compress.add_argument(flag, type=float, default=None, help=help_text)
         elif f.type == "int | None":
@@ -78,11 +81,19 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
                                    epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     evaluate.add_argument("--model", required=True, help="model directory, Hub id or `smollm2-135m`")
     evaluate.add_argument("--dataset", default="wikipedia",
-                          help="built-in corpus (`wikipedia`, `shakespeare`: their held-out parts), a text file or "
-                               "directory, or a Hub dataset name")
-    evaluate.add_argument("--sequence-length", type=int, default=256)
-    evaluate.add_argument("--tokens", type=int, default=None, help="evaluate on the first N tokens only")
-    evaluate.add_argument("--batch-size", type=int, default=8)
+                          help="built-in corpus (`wikipedia`, `shakespeare`: their held-out parts), a local file (text, "
+                               "JSON/JSONL, Parquet, CSV, Arrow) or folder, or a Hub dataset name")
+    evaluate.add_argument("--dataset-config", default=None, help="the Hub dataset's configuration")
+    evaluate.add_argument("--split", default="train", help="the Hub dataset's split")
+    evaluate.add_argument("--text-column", default="text", help="the column (or JSON key) holding the text")
+    evaluate.add_argument("--sequence-length", type=_positive_int, default=256, help="tokens per sequence (at least 2)")
+    evaluate.add_argument("--tokens", type=_positive_int, default=None,
+                          help="score N tokens only: a built-in corpus's first ones, any other source's last ones "
+                               "(what `compress` holds out from calibration with --evaluation-tokens N)")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=8)
+    evaluate.add_argument("--device", default=None, help="`cuda`, `cpu`, ...; default: CUDA when present")
+    evaluate.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                          help="dtype to load the model in (default: the checkpoint's)")
     evaluate.add_argument("--tasks", nargs="+", default=None,
                           help="lm-evaluation-harness tasks to run as well (extra [eval]; tasks whose data cannot be "
                                "loaded, e.g. offline, are reported as skipped)")
@@ -107,7 +118,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     export.add_argument("--output", required=True, help="directory for the checkpoint")
     export.add_argument("--format", choices=["compressed-tensors", "gptq"], default=None,
                         help="quantization checkpoint format (see `compress --help`)")
-    export.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    export.add_argument("--overwrite", action="store_true", help="replace an earlier EvoPress checkpoint in the output directory")
     _add_device_map_arguments(export)
     export.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -143,6 +154,20 @@ def _int_or_none(text: str) -> int | str:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _boolean_or_none(text: str) -> bool | str:
+    return _UNSET if text.lower() == _UNSET else _boolean(text)
 
 
 def _boolean(text: str) -> bool:
@@ -188,7 +213,7 @@ def _load(model_name: str, dtype: str | None = None, args: argparse.Namespace | 
 
 
 def _compress(args: argparse.Namespace) -> int:
-    from .compressor import EvoPressCompressor  # noqa: PLC0415
+    from .compressor import EvoPressCompressor, check_format  # noqa: PLC0415
     from .distributed import current_group  # noqa: PLC0415
     from .export import check_output_dir  # noqa: PLC0415
 
@@ -196,6 +221,7 @@ def _compress(args: argparse.Namespace) -> int:
     # Under torchrun every process runs this command; the main one reports.
     echo = print if current_group(config.device).is_main else (lambda *args, **kwargs: None)
     check_output_dir(args.output, args.overwrite)
+    check_format(args.format, config)  # before the model loads
     model, tokenizer = _load(args.model, config.dtype, args)
     compressor = EvoPressCompressor(model, tokenizer)
     echo(f"EvoPress {config.method} on {args.model}: target {config.target}, search {config.search!r}, "
@@ -226,11 +252,23 @@ def _compress(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluation import check_lm_eval, evaluate_perplexity, run_lm_eval  # noqa: PLC0415
 
+    from .compressor import _check_device  # noqa: PLC0415
+    from .distributed import current_group  # noqa: PLC0415
+
+    if args.sequence_length < 2:
+        raise ValueError(f"--sequence-length: at least 2 tokens (one predicted), got {args.sequence_length}")
+    _check_device(args.device)
     if args.tasks:
         check_lm_eval()  # before loading anything
-    model, tokenizer = _load(args.model)
+    model, tokenizer = _load(args.model, args.dtype)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and args.sequence_length > context:
+        raise ValueError(f"--sequence-length: the model reads at most {context} tokens, got {args.sequence_length}")
+    model.to(current_group(args.device).resolve_device(args.device)).eval()
     value = evaluate_perplexity(model, tokenizer, args.dataset, sequence_length=args.sequence_length,
-                                num_tokens=args.tokens, batch_size=args.batch_size, progress=not args.quiet)
+                                num_tokens=args.tokens, batch_size=args.batch_size, progress=not args.quiet,
+                                dataset_config=args.dataset_config, dataset_split=args.split,
+                                text_column=args.text_column)
     report: dict[str, Any] = {"model": args.model, "dataset": args.dataset, "perplexity": value}
     if args.tasks:
         report["lm_eval"] = run_lm_eval(model, tokenizer, args.tasks, num_fewshot=args.num_fewshot, limit=args.limit,
@@ -242,9 +280,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     import os  # noqa: PLC0415
 
-    from .compressor import EvoPressCompressor  # noqa: PLC0415
+    from .compressor import EvoPressCompressor, _check_format  # noqa: PLC0415
     from .configuration import EvoPressConfig  # noqa: PLC0415
     from .export import check_output_dir  # noqa: PLC0415
+    from .formats import load_levels  # noqa: PLC0415
     from .hub import read_record  # noqa: PLC0415
 
     check_output_dir(args.output, args.overwrite)
@@ -261,6 +300,8 @@ def _export(args: argparse.Namespace) -> int:
         base = base or record.get("base_model")
     if not base:
         raise ValueError("export: --model is needed: the checkpoint does not name its base model")
+    _check_format(args.format, config.method, [level for level in load_levels(levels).values()
+                                               if isinstance(level, int)])  # before the model loads
     model, tokenizer = _load(base, config.dtype, args)
     compressor = EvoPressCompressor(model, tokenizer)
     compressor.apply(levels, config=config, progress=not args.quiet)
@@ -289,7 +330,7 @@ def run_command(args: argparse.Namespace, prog: str = "evopress") -> int:
     except HubPushError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 1
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
+    except (ValueError, TypeError, OSError, ImportError) as err:  # bad input, missing or unreadable files
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
 

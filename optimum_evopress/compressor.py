@@ -19,7 +19,7 @@ from .distributed import ProcessGroup, current_group
 from .evaluation import perplexity
 from .export import check_output_dir, save_checkpoint
 from .formats import check_gptq_export, load_levels, save_gptq
-from .models import find_decoder
+from .models import DEFAULT_MODEL, find_decoder, is_builtin
 from .fitness import FitnessEvaluator
 from .methods import CompressionMethod, get_method_class
 from .scoring import CandidateScorer
@@ -46,6 +46,34 @@ def _check_format(format: str | None, method: str, bits: Any = (), shapes: dict[
                          "transformers checkpoint (format=None)")
     if format == "gptq":
         check_gptq_export(bits, shapes)
+
+
+def check_format(format: str | None, config: EvoPressConfig, shapes: dict[str, tuple[int, int]] | None = None
+                 ) -> None:
+    """`_check_format` for a run of `config`: the bit-widths it may use (a fixed search: those of its levels)."""
+    bits = config.bits
+    if config.search == "fixed" and format is not None:
+        bits = [level for level in load_levels(config.levels).values() if isinstance(level, int)]
+    _check_format(format, config.method, bits, shapes)
+
+
+def _inside(path: str | os.PathLike, directory: str | os.PathLike) -> bool:
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return os.path.commonpath([path, directory]) == directory
+
+
+def _check_device(device: str | None) -> None:
+    """Raises before any work when the configured device is not present on this machine."""
+    if device is None:
+        return
+    device = torch.device(device)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index is not None and device.index >= count):
+            raise ValueError(f"EvoPressConfig.device: {str(device)!r} is not available here ({count} CUDA devices); "
+                             "use 'cpu' or leave it unset (CUDA when present)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("EvoPressConfig.device: 'mps' is not available here; use 'cpu' or leave it unset")
 
 
 @dataclass
@@ -103,6 +131,8 @@ class EvoPressCompressor:
         self.tokenizer = tokenizer
         # The Hub id (or path) the model was loaded from, recorded as the card's `base_model`.
         self.base_model: str | None = getattr(model, "name_or_path", None) or None
+        if is_builtin(self.base_model):  # recorded by its alias, which any machine with the wheel resolves
+            self.base_model = DEFAULT_MODEL
         self.config: EvoPressConfig | None = None
         self.result: EvoPressResult | None = None
         self.method: CompressionMethod | None = None
@@ -119,7 +149,7 @@ class EvoPressCompressor:
         Args:
             config: the run's settings.
             save_dir: when given, the checkpoint is also written there (checked before any work starts).
-            overwrite: replace a non-empty `save_dir`.
+            overwrite: replace `save_dir` when it holds an earlier EvoPress checkpoint.
             progress: show tqdm progress bars.
             format: the format `save_dir` is written in (see `save_pretrained`); checked before any work starts.
 
@@ -134,6 +164,12 @@ class EvoPressCompressor:
         # Everything cheap is checked first, so bad input fails before data, dense outputs or search.
         if save_dir is not None:
             check_output_dir(save_dir, overwrite)
+            for name in ("checkpoint_path", "database_dir"):
+                path = getattr(config, name)
+                if path is not None and _inside(path, save_dir):
+                    raise ValueError(f"EvoPressConfig.{name}: {path!r} lies inside the output directory "
+                                     f"{os.fspath(save_dir)!r}, which the checkpoint replaces; put it elsewhere")
+        _check_device(config.device)
         if self.tokenizer is None:
             raise ValueError("EvoPressConfig.calibration_dataset holds text; pass a tokenizer: "
                              "EvoPressCompressor(model, tokenizer)")
@@ -147,8 +183,9 @@ class EvoPressCompressor:
         if config.candidate_batch_size > 1 and not method.can_stack:
             raise ValueError(f"EvoPressConfig.candidate_batch_size: method {config.method!r} scores candidates one "
                              f"at a time; use 1, got {config.candidate_batch_size}")
-        _check_format(format, config.method, config.bits,
-                      {name: tuple(m.weight.shape) for name, m in getattr(method, "linears", {}).items()})
+        check_format(format, config,
+                     {name: tuple(m.weight.shape) for name, m in getattr(method, "linears", {}).items()})
+        given = load_levels(config.levels) if config.search == "fixed" else None
         space = method.level_space()
         defaults = method.default_settings(config.preset, space)
         vocab_size = getattr(self.model.config, "vocab_size", None)
@@ -167,8 +204,7 @@ class EvoPressCompressor:
             tokens_per_selection=tuple(settings["tokens_per_selection"]),
             initial_candidates=settings["initial_candidates"], max_flips=config.max_flips, seed=config.seed)
         # Given levels are checked against the model's units now, before any data or model work.
-        fixed = method.assignment_from_levels(load_levels(config.levels), space) if config.search == "fixed" else None
-        self._prepare_model(config)
+        fixed = method.assignment_from_levels(given, space) if given is not None else None
         logger.info("EvoPress %s (%s, preset %r): %d units, budget %d, %s", config.method, method.granularity,
                     config.preset, space.num_units, space.budget, search_settings.to_dict())
 
@@ -177,6 +213,7 @@ class EvoPressCompressor:
             config.evaluation_tokens, seed=config.seed, dataset_config=config.calibration_dataset_config,
             dataset_split=config.calibration_split, text_column=config.text_column)
         timings["data"] = time.perf_counter() - clock
+        self._prepare_model(config)  # after the data: bad data leaves the model where and as it was
 
         self.model.eval()
         evaluator = FitnessEvaluator(self.model, data.calibration, config.fitness, config.topk, config.batch_size,
@@ -322,7 +359,9 @@ class EvoPressCompressor:
         """What `evopress_config.json` holds: the config, the chosen levels and the search result."""
         if self.result is None or self.config is None:
             raise ValueError("nothing to save: call compress() first")
-        return {"config": self.config.to_dict(), "base_model": self.base_model, **self.result.to_dict(),
+        # The search state files belong to this run and machine: a config read back from the checkpoint starts afresh.
+        config = {**self.config.to_dict(), "checkpoint_path": None, "resume_from": None}
+        return {"config": config, "base_model": self.base_model, **self.result.to_dict(),
                 **{key: value for key, value in self.model.config.evopress.items() if key != "method"}}
 
     def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False, format: str | None = None,
@@ -333,7 +372,8 @@ class EvoPressCompressor:
 
         Args:
             save_directory: the checkpoint directory.
-            overwrite: replace a non-empty `save_directory` (otherwise a `ValueError`).
+            overwrite: replace `save_directory` when it holds an earlier EvoPress checkpoint (a non-empty directory
+                is otherwise a `ValueError`; one without `evopress_config.json` always is).
             format: None for the method's standard format (depth: a plain transformers checkpoint;
                 quantization: compressed-tensors, which `AutoModelForCausalLM.from_pretrained` loads),
                 `"compressed-tensors"`, or `"gptq"` (quantization with bit-widths in 2, 3, 4, 8: a GPTQ

@@ -162,13 +162,16 @@ class EvoPressConfig:
     calibration_dataset: Any = field(
         default="wikipedia",
         metadata={
-            "help": "Built-in `wikipedia` / `shakespeare`, a local text file or folder, a Hub dataset name, "
-            "a `datasets.Dataset`, or a list of strings."
+            "help": "Built-in `wikipedia` / `shakespeare`, a local file (text, JSON lines or a JSON array, Parquet, "
+            "CSV, Arrow) or folder of them or one written by `save_to_disk`, a Hub dataset name, a "
+            "`datasets.Dataset` or `IterableDataset`, or a list of strings (null texts are skipped)."
         },
     )
     calibration_dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
-    calibration_split: str = field(default="train", metadata={"help": "Hub dataset split."})
-    text_column: str = field(default="text", metadata={"help": "Column holding the text in a dataset."})
+    calibration_split: str = field(default="train", metadata={
+        "help": "Split of a Hub dataset, or of a DatasetDict saved with `save_to_disk`."})
+    text_column: str = field(default="text", metadata={
+        "help": "Column (or JSON key) holding the text; its values must be strings."})
     calibration_tokens: int | None = field(default=None, metadata={"help": "Calibration tokens in total."})
     sequence_length: int | None = field(default=None, metadata={"help": "Tokens per calibration sequence."})
     evaluation_tokens: int = field(
@@ -259,15 +262,25 @@ class EvoPressConfig:
             import torch
 
             try:
-                torch.device(self.device)
+                self.device = str(torch.device(self.device))
             except (RuntimeError, TypeError) as err:
                 raise ValueError(f"EvoPressConfig.device: {self.device!r} is not a torch device") from err
+        for name in ("checkpoint_path", "resume_from"):
+            value = getattr(self, name)
+            if value is not None:
+                if not isinstance(value, (str, os.PathLike)):
+                    raise TypeError(f"EvoPressConfig.{name} must be a path, got {type(value).__name__}")
+                setattr(self, name, os.fspath(value))
+                _check(not os.path.isdir(getattr(self, name)), name,
+                       f"{getattr(self, name)!r} is a directory; give the search state's file path")
         self._check_calibration_dataset()
         method_cls.validate_config(self)
         # Cross-field checks on whatever is already known; the rest runs once defaults are resolved.
         self.resolved_search_settings(method_cls.default_settings(self.preset), check_only=True)
 
     def _check_calibration_dataset(self) -> None:
+        if isinstance(self.calibration_dataset, os.PathLike):
+            self.calibration_dataset = os.fspath(self.calibration_dataset)
         source = self.calibration_dataset
         if isinstance(source, str):
             _check(bool(source.strip()), "calibration_dataset", "must not be an empty string")
@@ -276,6 +289,10 @@ class EvoPressConfig:
             if not all(isinstance(text, str) for text in source):
                 raise TypeError("EvoPressConfig.calibration_dataset: a list must hold only strings")
             self.calibration_dataset = list(source)
+        elif isinstance(source, dict) or type(source).__name__ in ("DatasetDict", "IterableDatasetDict"):
+            splits = list(source) if isinstance(source, dict) else []
+            raise ValueError(f"EvoPressConfig.calibration_dataset: a dataset with splits {splits}; pass one split, "
+                             f"e.g. dataset[{(splits or ['train'])[0]!r}]")
         elif not hasattr(source, "column_names"):
             raise TypeError(
                 "EvoPressConfig.calibration_dataset must be a dataset name, a path, a list of strings or a "
@@ -361,8 +378,9 @@ class EvoPressConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     def to_json_file(self, path: str | os.PathLike) -> None:
+        text = self.to_json_string()  # before the file is opened: a failure leaves no empty file
         with open(path, "w", encoding="utf-8") as handle:
-            handle.write(self.to_json_string())
+            handle.write(text)
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "EvoPressConfig":

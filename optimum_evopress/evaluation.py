@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import load_texts, tokenize_to_sequences
+from .data import BUILTIN_CORPORA, load_texts, tokenize_to_sequences
 from .models import input_device
 
 __all__ = ["perplexity", "evaluate_perplexity", "check_lm_eval", "run_lm_eval"]
@@ -41,12 +41,16 @@ def evaluate_perplexity(model: torch.nn.Module, tokenizer: Any, dataset: Any = "
         dataset: a built-in corpus (its evaluation part, never used for calibration), a path, a Hub dataset
             name, a `datasets.Dataset` or a list of strings.
         sequence_length: tokens per sequence.
-        num_tokens: use only the first `num_tokens` tokens (rounded up to whole sequences).
+        num_tokens: score only `num_tokens` tokens (rounded up to whole sequences): a built-in corpus's first
+            ones, any other source's last ones, which `compress` holds out from calibration with
+            `evaluation_tokens=num_tokens` (and the same `sequence_length`).
         load_kwargs: `dataset_config`, `dataset_split`, `text_column` for `load_texts`.
     """
     sequences = tokenize_to_sequences(load_texts(dataset, "evaluation", **load_kwargs), tokenizer, sequence_length)
     if num_tokens is not None:
-        sequences = sequences[: -(-num_tokens // sequence_length)]
+        count = -(-num_tokens // sequence_length)
+        builtin = isinstance(dataset, str) and dataset in BUILTIN_CORPORA
+        sequences = sequences[:count] if builtin else sequences[max(0, len(sequences) - count):]
     return perplexity(model, sequences, batch_size=batch_size, progress=progress)
 
 

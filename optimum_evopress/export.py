@@ -6,8 +6,8 @@ import contextlib
 import json
 import os
 import platform
+import secrets
 import shutil
-import tempfile
 from typing import Any, Callable, Iterator
 
 from .configuration import CONFIG_NAME
@@ -16,34 +16,76 @@ from .model_card import write_model_card
 __all__ = ["check_output_dir", "atomic_directory", "library_versions", "save_checkpoint"]
 
 
+_LEFTOVER = ".evopress-"  # prefix of the temporary entries a write keeps inside an existing output directory
+
+
+def _entries(path: str) -> list[str]:
+    """The entries of `path`, without the temporary ones an interrupted write left behind."""
+    return [name for name in os.listdir(path) if not name.startswith(_LEFTOVER)]
+
+
 def check_output_dir(path: str | os.PathLike, overwrite: bool = False) -> None:
-    """Raises a `ValueError` if `path` is a file, or a non-empty directory and `overwrite` is not set."""
+    """Raises a `ValueError` unless `path` is new, an empty directory, or (with `overwrite`) an EvoPress checkpoint.
+
+    `overwrite` replaces an earlier checkpoint only (a directory holding `evopress_config.json`): a directory of other
+    files (a base model, a project folder) is never emptied.
+    """
     path = os.fspath(path)
     if os.path.isfile(path):
         raise ValueError(f"output directory {path!r} is an existing file")
-    if os.path.isdir(path) and os.listdir(path) and not overwrite:
+    if not os.path.isdir(path) or not _entries(path):
+        return
+    if not overwrite:
         raise ValueError(f"output directory {path!r} exists and is not empty; pass overwrite=True to replace it")
+    if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        raise ValueError(f"output directory {path!r} holds files but no EvoPress checkpoint (no {CONFIG_NAME}); "
+                         "overwrite=True replaces only an earlier checkpoint: choose a new or empty directory")
+
+
+def _make_dir(parent: str, prefix: str) -> str:
+    """A new directory in `parent` with the usual permissions (the umask's, unlike `tempfile.mkdtemp`'s 0700)."""
+    while True:
+        path = os.path.join(parent, prefix + secrets.token_hex(4))
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+
+
+def _replace_contents(path: str, new: str) -> None:
+    """Moves `path`'s entries aside, moves `new`'s entries in, then deletes the old ones and `new`."""
+    old = _make_dir(path, _LEFTOVER + "old-")
+    for name in os.listdir(path):
+        if os.path.join(path, name) not in (old, new):
+            os.rename(os.path.join(path, name), os.path.join(old, name))
+    for name in os.listdir(new):
+        os.rename(os.path.join(new, name), os.path.join(path, name))
+    os.rmdir(new)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[str]:
-    """Yields a temporary directory next to `path` that replaces `path` only when the block succeeds.
+    """Yields a temporary directory whose files become `path`'s only when the block succeeds.
 
-    On any error or interruption the temporary directory is removed and `path` is left as it was.
+    A new `path` is the temporary directory, renamed. An existing one (empty, or an earlier checkpoint with
+    `overwrite`) stays the same directory, with its permissions and mount: the temporary directory is made
+    inside it and its entries are swapped in at the end. On any error or interruption the temporary directory is
+    removed and `path` is left as it was.
     """
     path = os.path.abspath(os.fspath(path))
     check_output_dir(path, overwrite)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    existing = os.path.isdir(path)
+    if not existing:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = _make_dir(path, _LEFTOVER + "new-") if existing else _make_dir(
+        os.path.dirname(path), f".{os.path.basename(path)}.tmp-")
     try:
         yield tmp
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-            os.rmdir(old)
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+        if os.path.isdir(path):  # also when another process made it meanwhile
+            check_output_dir(path, overwrite)
+            _replace_contents(path, tmp)
         else:
             os.rename(tmp, path)
     except BaseException:

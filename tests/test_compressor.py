@@ -252,3 +252,59 @@ def test_stacked_candidates_score_as_one_at_a_time(tokenizer, model_factory, ove
     assert len(stacked_calls) > 3 and max(len(c) for c, _ in stacked_calls) >= 6
     for (_, together), (_, alone) in zip(stacked_calls, single_calls):
         assert together == pytest.approx(alone, rel=1e-5, abs=1e-7)
+
+
+def test_search_state_or_database_inside_the_output_directory_fails_first(tokenizer, tmp_path, no_data_loading):
+    for name in ("checkpoint_path", "database_dir"):
+        inside = str(tmp_path / "out" / ("state.json" if name == "checkpoint_path" else "db"))
+        with pytest.raises(ValueError, match=f"{name}: .* lies inside the output directory"):
+            EvoPressCompressor(make_model(), tokenizer).compress(small_config(**{name: inside}),
+                                                                 save_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_device_this_machine_lacks_fails_first(tokenizer, monkeypatch, no_data_loading):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"device: 'cuda' is not available here \(0 CUDA devices\)"):
+        EvoPressCompressor(make_model(), tokenizer).compress(small_config(device="cuda"))
+
+
+def test_bad_calibration_data_leaves_the_model_as_it_was(tokenizer):
+    model = make_model()
+    with pytest.raises(ValueError, match="calibration_tokens"):
+        EvoPressCompressor(model, tokenizer).compress(small_config(dtype="bfloat16",
+                                                                   calibration_dataset=["tiny text"]))
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_the_saved_record_leaves_out_the_runs_search_state_files(tokenizer, tmp_path):
+    state = str(tmp_path / "state.json")
+    compressor = EvoPressCompressor(make_model(), tokenizer)
+    compressor.compress(small_config(generations=1, evaluation_tokens=0, checkpoint_path=state, resume_from=state),
+                        save_dir=tmp_path / "out", progress=False)
+    config = json.loads((tmp_path / "out" / CONFIG_NAME).read_text())["config"]
+    assert config["checkpoint_path"] is None and config["resume_from"] is None and os.path.isfile(state)
+
+
+def test_overwrite_replaces_only_an_earlier_checkpoint_and_keeps_the_directory(tokenizer, tmp_path):
+    compressor = EvoPressCompressor(make_model(), tokenizer)
+    compressor.compress(small_config(generations=1, evaluation_tokens=0), progress=False)
+    old_umask = os.umask(0o022)
+    try:
+        compressor.save_pretrained(tmp_path / "new")
+        assert (tmp_path / "new").stat().st_mode & 0o777 == 0o755  # not a temporary directory's 0700
+        (tmp_path / "out").mkdir(mode=0o750)
+        compressor.save_pretrained(tmp_path / "out")  # an empty directory: filled, same inode and mode
+        inode = (tmp_path / "out").stat().st_ino
+        (tmp_path / "out" / "stale.bin").write_text("from the earlier run")
+        compressor.save_pretrained(tmp_path / "out", overwrite=True)
+    finally:
+        os.umask(old_umask)
+    assert (tmp_path / "out").stat().st_ino == inode and (tmp_path / "out").stat().st_mode & 0o777 == 0o750
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(tmp_path / "new"))
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds files but no EvoPress checkpoint"):
+        compressor.save_pretrained(tmp_path / "project", overwrite=True)
+    assert os.listdir(tmp_path / "project") == ["notes.txt"]
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]

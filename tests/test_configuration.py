@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from optimum_evopress import EvoPressConfig
 from optimum_evopress.configuration import CONFIG_NAME
@@ -71,3 +72,28 @@ def test_in_memory_dataset_is_recorded_not_silently_lost():
     assert recorded["num_rows"] == 1
     with pytest.raises(ValueError, match="in-memory"):
         EvoPressConfig.from_dict(config.to_dict())
+
+
+def test_paths_and_devices_are_stored_as_strings_so_the_record_saves(tmp_path):
+    import pathlib
+
+    config = EvoPressConfig(checkpoint_path=pathlib.Path(tmp_path / "s.json"), resume_from=tmp_path / "s.json",
+                            calibration_dataset=tmp_path / "text.txt", device=torch.device("cpu"))
+    assert config.checkpoint_path == config.resume_from == str(tmp_path / "s.json")
+    assert config.calibration_dataset == str(tmp_path / "text.txt") and config.device == "cpu"
+    config.save_pretrained(tmp_path / "cfg")
+    assert EvoPressConfig.from_pretrained(tmp_path / "cfg") == config
+    with pytest.raises(ValueError, match="checkpoint_path: .* is a directory"):
+        EvoPressConfig(checkpoint_path=tmp_path)
+    with pytest.raises(TypeError, match="resume_from must be a path"):
+        EvoPressConfig(resume_from=3)
+
+
+def test_a_dataset_with_splits_asks_for_one():
+    import datasets
+
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a"]}),
+                                   "test": datasets.Dataset.from_dict({"text": ["b"]})})
+    with pytest.raises(ValueError, match=r"calibration_dataset: a dataset with splits \['train', 'test'\]; pass one "
+                                         r"split, e.g. dataset\['train'\]"):
+        EvoPressConfig(calibration_dataset=splits)
