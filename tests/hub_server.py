@@ -87,16 +87,30 @@ def _handler(hub: HubServer):
                 request = json.loads(body)
                 repo_id = f"{request['organization']}/{request['name']}" if request.get("organization") \
                     else f"tester/{request['name']}"
-                if repo_id in hub.repos:
-                    return self._error(409, "You already created this model repo")
-                hub.repos[repo_id] = {"private": request.get("visibility") == "private" or bool(request.get("private")), "files": {}, "sha": "0" * 40}
+                if repo_id in hub.repos:  # as the Hub: the conflict names the existing repo
+                    message = "You already created this model repo"
+                    return self._json(409, {"error": message, "url": f"{hub.url}/{repo_id}"},
+                                      {"X-Error-Message": message})
+                hub.repos[repo_id] = {"private": request.get("visibility") == "private" or bool(request.get("private")), "files": {}, "sha": "0" * 40,
+                                     "branches": {"main"}}
                 return self._json(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id})
+            match = re.fullmatch(r"/api/models/(.+)/branch/([^/]+)", path)
+            if match is not None:
+                repo = self._repo(match[1])
+                if repo is None:
+                    return None
+                if match[2] in repo["branches"]:
+                    return self._error(409, "Reference already exists")
+                repo["branches"].add(match[2])
+                return self._json(200, {})
             match = re.fullmatch(r"/api/models/(.+)/(preupload|commit)/([^/]+)", path)
             if match is None:
                 return self._error(404, f"no endpoint {path}")
             repo = self._repo(match[1])
             if repo is None:
                 return None
+            if match[3] not in repo["branches"]:  # as the Hub: a commit needs an existing branch
+                return self._error(404, f"Invalid rev id: {match[3]}", "RevisionNotFound")
             if match[2] == "preupload":
                 files = json.loads(body)["files"]
                 return self._json(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
@@ -110,7 +124,8 @@ def _handler(hub: HubServer):
             repo["files"].update(added)
             repo["sha"] = hashlib.sha1(json.dumps(sorted((k, hashlib.sha1(v).hexdigest())
                                                           for k, v in repo["files"].items())).encode()).hexdigest()
-            hub.commits.append({"repo": match[1], "summary": lines[0]["value"]["summary"], "files": sorted(added)})
+            hub.commits.append({"repo": match[1], "summary": lines[0]["value"]["summary"], "files": sorted(added),
+                                "revision": match[3]})
             return self._json(200, {"commitUrl": f"{hub.url}/{match[1]}/commit/{repo['sha']}",
                                     "commitOid": repo["sha"], "pullRequestUrl": None})
 

@@ -238,3 +238,61 @@ def test_reading_a_record_from_something_that_is_not_a_checkpoint_is_a_clear_err
                         hub.url + "/{repo_id}/resolve/{revision}/{filename}")
     with pytest.raises(FileNotFoundError, match="no local directory and no Hub repo"):
         read_record("tester/absent")
+
+
+def test_a_bare_repo_name_gets_a_card_naming_the_created_repo_and_a_revision_gets_its_branch(saved, hub,
+                                                                                             monkeypatch):
+    _, _, directory = saved
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+    push_checkpoint(directory, "bare-name", token=TOKEN)
+    card = hub.repos["tester/bare-name"]["files"]["README.md"].decode()
+    assert 'model="tester/bare-name"' in card and "apply('tester/bare-name')" in card
+    push_checkpoint(directory, "tester/bare-name", token=TOKEN, revision="v2")
+    assert hub.commits[-1]["revision"] == "v2" and "v2" in hub.repos["tester/bare-name"]["branches"]
+
+
+def test_load_compressed_reads_the_record_with_the_models_revision_and_token(saved, monkeypatch):
+    from optimum_evopress import hub as hub_module
+
+    _, _, directory = saved
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda *args, **kwargs: calls.append((args, kwargs)) or str(directory / "evopress_config.json"))
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", lambda *args, **kwargs: kwargs)
+    loaded, record = hub_module.load_compressed("tester/private", revision="v2", token="secret", dtype="auto")
+    assert calls == [(("tester/private", "evopress_config.json"), {"revision": "v2", "token": "secret"})]
+    assert loaded == {"revision": "v2", "token": "secret", "dtype": "auto"} and "levels" in record
+
+
+def test_the_card_follows_the_search_the_format_and_the_builtin_model(saved):
+    from optimum_evopress.model_card import model_card_text
+    from optimum_evopress.models import DEFAULT_HUB_ID
+
+    compressor, _, _ = saved
+    record = compressor.record()
+    evolution = model_card_text(record)
+    assert "chosen by evolutionary search on the KL divergence to the dense model" in evolution
+    gptq = huggingface_hub.ModelCard(model_card_text({**record, "format": "gptq"}, repo_id="me/x"))
+    assert gptq.data.library_name == "gptqmodel" and 'GPTQModel.load("me/x")' in gptq.text
+    assert "pipeline(" not in gptq.text and "gptq" in gptq.data.tags
+    assert "gptq" not in huggingface_hub.ModelCard(evolution).data.tags  # a compressed-tensors checkpoint
+    fixed = model_card_text({**record, "search": "fixed", "config": {**record["config"], "search": "fixed",
+                                                                      "levels": record["levels"]}})
+    assert "given as fixed levels" in fixed and "levels={" not in fixed and "evolutionary search" not in fixed
+    depth = {**record, "config": {**record["config"], "method": "depth", "granularity": None}, "granularity": None,
+             "budget": {"cost": 2, "units": 6}}
+    assert "**2 of 6** block units removed" in model_card_text(depth)
+    builtin = huggingface_hub.ModelCard(model_card_text({**record, "base_model": "smollm2-135m"}))
+    assert builtin.data.base_model == DEFAULT_HUB_ID and "model, tokenizer = load_default_model()" in builtin.text
+    assert f"`{DEFAULT_HUB_ID}` (the built-in copy" in builtin.text
+
+
+def test_the_builtin_models_cached_copy_is_recorded_by_its_alias(tokenizer, tmp_path, monkeypatch):
+    from optimum_evopress.models import builtin_path
+
+    monkeypatch.setenv("EVOPRESS_CACHE", str(tmp_path))
+    model = make_model()
+    model.name_or_path = builtin_path()
+    assert EvoPressCompressor(model, tokenizer).base_model == "smollm2-135m"
+    model.name_or_path = str(tmp_path / "other")
+    assert EvoPressCompressor(model, tokenizer).base_model == str(tmp_path / "other")
