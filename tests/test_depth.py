@@ -71,6 +71,16 @@ def test_gemma3_keeps_its_sliding_window_pattern():
     assert model.config.layer_types == types[:4]
 
 
+def test_qwen2_keeps_which_blocks_use_sliding_windows():
+    model = make_model("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=3)
+    types = list(model.config.layer_types)
+    assert types == ["full_attention"] * 3 + ["sliding_attention"] * 3
+    DepthPruning(model, EvoPressConfig(target=0.34)).apply((1, 0, 0, 1, 0, 0))  # blocks 0 and 3 removed
+    kept = [types[i] for i in (1, 2, 4, 5)]
+    assert model.config.layer_types == kept and model.config.max_window_layers == 2
+    assert kept == ["full_attention" if i < model.config.max_window_layers else "sliding_attention" for i in range(4)]
+
+
 def test_unknown_architecture_is_rejected():
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -204,6 +204,9 @@ class DepthPruning(CompressionMethod):
             values = getattr(config, name, None)
             if isinstance(values, (list, tuple)):
                 setattr(config, name, [new_index[i] for i in values if i in new_index])
+        # Qwen2/Qwen3: blocks from `max_window_layers` on use sliding windows; kept blocks keep their order.
+        if isinstance(getattr(config, "max_window_layers", None), int):
+            config.max_window_layers = sum(1 for old in kept if old < config.max_window_layers)
 
     # ------------------------------------------------------------------ baselines
     def run_baseline(self, name: str, space: LevelSpace, calibration: torch.Tensor) -> Assignment:
