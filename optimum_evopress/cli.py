@@ -186,6 +186,11 @@ def _config_from_args(args: argparse.Namespace) -> Any:
         value = getattr(args, f.name)
         if value is not None:
             values[f.name] = None if value == _UNSET else value
+    if isinstance(values.get("levels"), str) and values["levels"].lstrip().startswith("{"):
+        try:  # `--levels '{"model.layers.3": "dropped"}'`
+            values["levels"] = json.loads(values["levels"])
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--levels: not a JSON object ({err})") from err
     return EvoPressConfig(**values)
 
 

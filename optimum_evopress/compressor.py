@@ -120,7 +120,7 @@ class EvoPressCompressor:
 
     Args:
         model: a `PreTrainedModel` for causal language modelling.
-        tokenizer: needed whenever the calibration data is text (every source but pre-tokenized data).
+        tokenizer: the model's tokenizer; `compress` needs it (every calibration source is text).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any = None) -> None:

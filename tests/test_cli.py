@@ -241,6 +241,9 @@ def test_optional_booleans_parse_and_bad_numbers_or_formats_fail_before_loading(
         args = build_parser().parse_args(["compress", "--output", "x", "--database-dir", "db",
                                           "--database-in-memory", text])
         assert _config_from_args(args).database_in_memory is value
+    args = build_parser().parse_args(["compress", "--output", "x", "--search", "fixed",
+                                      "--levels", '{"model.layers.0": "dropped"}'])
+    assert _config_from_args(args).levels == {"model.layers.0": "dropped"}
     monkeypatch.setattr(cli, "_load", lambda *a, **k: pytest.fail("loaded the model first"))
     for flags in (["--sequence-length", "0"], ["--batch-size", "0"], ["--tokens", "-5"]):
         with pytest.raises(SystemExit) as exit_info:
