@@ -69,13 +69,34 @@ def _read_record(directory: str, name: str, what: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as handle:
             record = json.load(handle)
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8 text
         raise ValueError(f"{what} {directory!r}: cannot read {name} ({err}); delete the directory to rebuild") from err
-    if not isinstance(record, dict) or record.get("format_version") != FORMAT_VERSION:
-        version = record.get("format_version") if isinstance(record, dict) else None
-        raise ValueError(f"{what} {directory!r}: format version {version}, this release reads {FORMAT_VERSION}; "
-                         "rebuild it in an empty directory")
+    if not isinstance(record, dict):
+        raise ValueError(f"{what} {directory!r}: {name} is damaged (a JSON {type(record).__name__}, not an object); "
+                         "delete the directory to rebuild")
+    if record.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{what} {directory!r}: format version {record.get('format_version')!r}, this release reads "
+                         f"{FORMAT_VERSION}; rebuild it in an empty directory")
+    problem = _record_problem(record)
+    if problem:
+        raise ValueError(f"{what} {directory!r}: {name} is damaged ({problem}); delete the directory to rebuild")
     return record
+
+
+def _record_problem(record: dict[str, Any]) -> str | None:
+    """What is wrong with the fields of a manifest or progress record, or None."""
+    for key in ("settings", "layers", "errors"):
+        if key not in record:
+            return f"it has no {key!r}"
+        if not isinstance(record[key], dict):
+            return f"{key!r} is a {type(record[key]).__name__}, not an object"
+    for layer, entry in record["layers"].items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("sha256"), str)
+                and type(entry.get("bytes")) is int):
+            return f"layer {layer!r} needs a 'file', a 'sha256' and 'bytes'"
+        if not isinstance(record["errors"].get(layer), dict):
+            return f"layer {layer!r} has no errors"
+    return None
 
 
 class VariantDatabase:
@@ -154,7 +175,7 @@ class VariantDatabase:
         if directory is None or not os.path.isfile(os.path.join(database.directory, PROGRESS_NAME)):
             return database
         record = _read_record(database.directory, PROGRESS_NAME, "partial database")
-        _check_settings(database.directory, record.get("settings", {}), settings, "partial database")
+        _check_settings(database.directory, record["settings"], settings, "partial database")
         for name, entry in record["layers"].items():
             database._load_layer(name, entry, record["errors"][name])
         logger.info("continuing the database build in %s: %d layers already done", database.directory,
@@ -189,7 +210,7 @@ class VariantDatabase:
         """
         directory = os.fspath(directory)
         manifest = _read_record(directory, MANIFEST_NAME, "database")
-        _check_settings(directory, manifest.get("settings", {}), settings, "database")
+        _check_settings(directory, manifest["settings"], settings, "database")
         layers = list(layers)
         missing = [name for name in layers if name not in manifest["layers"]]
         if missing:

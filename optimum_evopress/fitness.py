@@ -34,8 +34,14 @@ start_block=k)` then replays the kept input nearest below block k and runs only 
 sequence recorded once is not run again while the reference stays the same; when the reference changes
 first in block k (`invalidate_prefix(k)`), its kept inputs up to block k stay valid and recording it again
 runs only the blocks from there. Each sequence is computed independently of the others in its forward
-pass, so the values are those of a full forward pass (bit-identical on CPUs, where every row of a batch
-is computed the same way whatever the batch; on GPUs up to float rounding).
+pass, so the values are those of a full forward pass up to float rounding (bit-identical on CPUs when each
+sequence of a forward group holds 12 tokens or more: below that, MKL's `F.linear` may compute a row
+differently for another batch).
+
+Partial sequences: a stage's tokens that do not fill a whole sequence are scored as the first tokens of one
+more. That needs a prefix to be computed as in the full sequence, which does not hold for RoPE whose
+frequencies depend on the sequence length (`longrope`, `dynamic`) once it exceeds the original maximum: there
+`FitnessEvaluator.whole_sequences` is set, and the stage scores that sequence whole.
 
 Stacked scoring: `score_stacked(batch, n)` stacks each group's sequences n times and scores part i of the
 batch as the i-th of n model states, which `CompressionMethod.stacked` sets up (one forward pass per group
@@ -45,9 +51,10 @@ for n candidates).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -58,7 +65,10 @@ from tqdm.auto import tqdm
 from .configuration import FITNESS_KINDS, TOPK_FITNESS_KINDS
 from .models import input_device, stored_weight
 
-__all__ = ["Minibatch", "draw_minibatch", "FitnessEvaluator", "teacher_cache_bytes", "prefix_cache_budget"]
+__all__ = ["Minibatch", "draw_minibatch", "FitnessEvaluator", "teacher_cache_bytes", "prefix_cache_budget",
+           "length_dependent_rope"]
+
+logger = logging.getLogger(__name__)
 
 # A minibatch is a list of (calibration sequence index, number of leading tokens used).
 Minibatch = list[tuple[int, int]]
@@ -71,11 +81,14 @@ _HEAD_CHUNK_CPU, _HEAD_CHUNK_ACCELERATOR = 256 * 2**20, 2**30
 _HEAD_ROWS_CHUNK_CPU, _HEAD_ROWS_CHUNK_ACCELERATOR = 16 * 2**20, 256 * 2**20
 
 
-def draw_minibatch(num_sequences: int, sequence_length: int, num_tokens: int, rng: np.random.Generator) -> Minibatch:
+def draw_minibatch(num_sequences: int, sequence_length: int, num_tokens: int, rng: np.random.Generator,
+                   whole_sequences: bool = False) -> Minibatch:
     """Draws distinct calibration sequences holding exactly `num_tokens` tokens.
 
     Whole sequences are used first; a remainder uses the first tokens of one more sequence, which gives
-    the same outputs as those positions of the full sequence because the models are causal.
+    the same outputs as those positions of the full sequence because the models are causal. With
+    `whole_sequences` (RoPE that depends on the sequence length) that sequence is used whole instead: the
+    same sequences are drawn, holding up to `sequence_length - 1` tokens more.
     """
     full, rest = divmod(num_tokens, sequence_length)
     needed = full + (1 if rest else 0)
@@ -87,8 +100,34 @@ def draw_minibatch(num_sequences: int, sequence_length: int, num_tokens: int, rn
     chosen = rng.choice(num_sequences, size=needed, replace=False)
     batch = [(int(i), sequence_length) for i in chosen[:full]]
     if rest:
-        batch.append((int(chosen[-1]), rest))
+        batch.append((int(chosen[-1]), sequence_length if whole_sequences else rest))
     return batch
+
+
+def length_dependent_rope(config: Any, sequence_length: int) -> str | None:
+    """The RoPE type of `config` whose frequencies depend on the sequence length at `sequence_length` tokens, or None.
+
+    `longrope` (Phi-3.5, Phi-4-mini) switches to its long factors, and `dynamic` (NTK) rescales, once a sequence
+    exceeds the original maximum (`original_max_position_embeddings`, or `max_position_embeddings`): there a
+    prefix of a sequence is not computed as in the full sequence. `rope_parameters` (or the older `rope_scaling`)
+    may hold one setting or one per layer type.
+    """
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    parameters = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if not isinstance(parameters, dict):
+        return None
+    for entry in [parameters] + [value for value in parameters.values() if isinstance(value, dict)]:
+        rope_type = str(entry.get("rope_type", entry.get("type", "default")))
+        if rope_type != "longrope" and "dynamic" not in rope_type:  # as transformers' `dynamic_rope_update`
+            continue
+        limits = [entry.get("original_max_position_embeddings"),
+                  getattr(config, "original_max_position_embeddings", None),
+                  getattr(config, "max_position_embeddings", None)]
+        limits = [limit for limit in limits if isinstance(limit, int)]
+        if not limits or sequence_length > min(limits):
+            return rope_type
+    return None
 
 
 def teacher_cache_bytes(kind: str, num_tokens: int, vocab_size: int, topk: int, hidden_size: int | None = None) -> int:
@@ -194,6 +233,12 @@ class FitnessEvaluator:
         self.metric_seconds = 0.0
         self.layers = layers
         self.prefix_budget = prefix_budget
+        # Selection stages draw whole sequences only where a prefix is not computed as in the full sequence.
+        rope = length_dependent_rope(model.config, self.sequence_length)
+        self.whole_sequences = rope is not None
+        if rope is not None:
+            logger.info("RoPE %r depends on the sequence length beyond the original maximum: selection stages "
+                        "score whole calibration sequences", rope)
         # Prefix reuse, per calibration sequence, kept across calls: the reference state's block inputs
         # ({block b: [sequences, tokens, hidden] input of block b}, at the kept blocks `_boundaries`, None before
         # the first record) and per-token fitness values; the tokens each sequence was recorded with, and how

@@ -17,7 +17,8 @@ __all__ = ["CandidateScorer"]
 
 
 class CandidateScorer:
-    """The search's `evaluate`: puts each candidate in place and scores it on one fresh minibatch.
+    """The search's `evaluate`: puts each candidate in place and scores it on one fresh minibatch (of whole
+    sequences only where the evaluator's `whole_sequences` says a prefix is not computed as in the full sequence).
 
     Args:
         method: puts the model in a candidate's state (`set_levels`) and says which block each unit is in.
@@ -70,7 +71,8 @@ class CandidateScorer:
     def __call__(self, candidates: Sequence[Assignment], num_tokens: int, rng: np.random.Generator,
                  reference: Assignment | None = None) -> list[float]:
         # Every process draws the same minibatch and scores its share of the candidates.
-        batch = draw_minibatch(self.evaluator.num_sequences, self.evaluator.sequence_length, num_tokens, rng)
+        batch = draw_minibatch(self.evaluator.num_sequences, self.evaluator.sequence_length, num_tokens, rng,
+                               self.evaluator.whole_sequences)
         mine = list(range(self.group.rank, len(candidates), self.group.world_size))
         starts = dict.fromkeys(mine, 0)
         scores: dict[int, float] = {}

@@ -1,8 +1,11 @@
 import itertools
+import json
+import logging
 
 import numpy as np
 import pytest
 
+from optimum_evopress.search import evolution
 from optimum_evopress.search import (LevelSpace, SearchSettings, brute_force_search, dynamic_programming_search,
                                      evolutionary_search, multi_step_selection, one_at_a_time_search, random_search)
 
@@ -110,6 +113,63 @@ def test_multi_step_selection_keeps_the_elite_when_it_is_best():
     winner, score, used = multi_step_selection(worse, make_evaluate(), (2, 1), (10, 20),
                                                np.random.default_rng(0), elite=best)
     assert winner == best and score == true_fitness(best) and used == 6 * 10 + 3 * 20
+
+
+def test_nan_scores_rank_last_keeping_the_order_of_the_others(monkeypatch, caplog):
+    monkeypatch.setattr(evolution, "_nan_warned", False)
+    nan = float("nan")
+    nan_first = lambda candidates, n, rng, elite: [nan if c == (0, 1) else 2.0 for c in candidates]  # noqa: E731
+    winner, score, _ = multi_step_selection([(0, 1), (1, 0)], nan_first, (1,), (8,), np.random.default_rng(0))
+    assert winner == (1, 0) and score == 2.0
+    # Stable for the rest: ties keep the earlier candidate; the NaN ones go last, in their order.
+    scores = {"a": 1.0, "b": nan, "c": 1.0, "d": 0.0, "e": nan, "f": 3.0}
+    pools = []
+
+    def evaluate(candidates, num_tokens, rng, elite):
+        pools.append(list(candidates))
+        return [scores[c] for c in candidates]
+
+    with caplog.at_level(logging.WARNING, logger=evolution.__name__):
+        multi_step_selection(list(scores), evaluate, (6, 1), (8, 8), np.random.default_rng(0))
+    assert pools[1] == ["d", "a", "c", "f", "b", "e"]
+    # Logged once per process, not for every NaN.
+    assert [r.getMessage() for r in caplog.records if "NaN" in r.getMessage()] == [
+        "a candidate's fitness is NaN (e.g. an overflow in float16); NaN ranks last"]
+
+
+# Each damages a search state (its bytes, or its JSON object) and names what the error must say.
+_DAMAGED_STATES = {
+    "binary garbage": (lambda raw, state: b"\xff\xfe\x00\x81garbage", "cannot read search state"),
+    "a JSON list": (lambda raw, state: b"[1, 2]", "not an EvoPress search state"),
+    "no parent": (lambda raw, state: state.pop("parent"), "has no 'parent'"),
+    "no context": (lambda raw, state: state.pop("context"), "has no 'context'"),
+    "generation a string": (lambda raw, state: state.update(generation="2"), "'generation' is str '2', not int"),
+    "negative generation": (lambda raw, state: state.update(generation=-1), "'generation' is -1"),
+    "settings a list": (lambda raw, state: state.update(settings=[1]), "'settings' is list"),
+    "parent of strings": (lambda raw, state: state.update(parent=["0"] * N), "'parent' is"),
+    "fitness a string": (lambda raw, state: state.update(parent_fitness="x"), "'parent_fitness' is str 'x', not int"),
+    "rng a string": (lambda raw, state: state.update(mutation_rng="abc"), "'mutation_rng' is str"),
+    "rng of another generator": (lambda raw, state: state["mutation_rng"].update(bit_generator="MT19937"),
+                                 "'mutation_rng' is not a PCG64 state"),
+    "rng state a string": (lambda raw, state: state["data_rng"]["state"].update(state="x"),
+                           "'data_rng' is not a PCG64 state"),
+    "rng without a field": (lambda raw, state: state["data_rng"].pop("has_uint32"), "'data_rng' is not a PCG64"),
+}
+
+
+@pytest.mark.parametrize("damage", list(_DAMAGED_STATES))
+def test_a_damaged_search_state_is_a_clear_value_error(tmp_path, damage):
+    path = tmp_path / "state.json"
+    evolutionary_search(space(), make_evaluate(), SearchSettings(**{**SETTINGS.__dict__, "generations": 2}),
+                        checkpoint_path=str(path), progress=False)
+    change, message = _DAMAGED_STATES[damage]
+    state = json.loads(path.read_text())
+    raw = change(path.read_bytes(), state)
+    path.write_bytes(raw if isinstance(raw, bytes) else json.dumps(state).encode())
+    with pytest.raises(ValueError, match="state.json") as error:
+        evolutionary_search(space(), make_evaluate(), SETTINGS, resume_from=str(path), progress=False)
+    assert message in str(error.value)
+    assert type(error.value) is ValueError  # not a UnicodeDecodeError or another subclass
 
 
 def test_small_space_yields_fewer_offspring_without_hanging():

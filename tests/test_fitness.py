@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -6,7 +8,7 @@ import torch.nn.functional as F
 from conftest import make_model, with_scaled_logits
 from optimum_evopress import EvoPressConfig
 from optimum_evopress.distributed import ProcessGroup
-from optimum_evopress.fitness import FitnessEvaluator, draw_minibatch, teacher_cache_bytes
+from optimum_evopress.fitness import FitnessEvaluator, draw_minibatch, length_dependent_rope, teacher_cache_bytes
 from optimum_evopress.methods import DepthPruning
 from optimum_evopress.scoring import CandidateScorer
 
@@ -316,3 +318,57 @@ def test_stack_limit_keeps_the_stacked_outputs_within_the_budget(kind, copies):
     per_copy = 4 * 16 * 4 * (2 * width + 4 * 64)
     evaluator = FitnessEvaluator(model, SEQUENCES, kind, batch_size=4, prefix_budget=copies * per_copy + 1)
     assert evaluator.stack_limit(batch) == copies
+
+
+def longrope_phi3():
+    """A tiny Phi3 with `longrope` (as Phi-3.5/Phi-4-mini): long factors beyond 16 positions."""
+    return make_model("phi3", num_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      max_position_embeddings=128, original_max_position_embeddings=16,
+                      rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "factor": 8.0,
+                                       "long_factor": [1.0 + i for i in range(8)], "short_factor": [1.0] * 8})
+
+
+class _Dense:
+    """A method that leaves the model dense whatever the levels."""
+
+    def set_levels(self, assignment):
+        pass
+
+
+@pytest.mark.parametrize("model_type", ["phi3", "llama"])
+def test_length_dependent_rope_scores_whole_sequences(model_type):
+    sequences = torch.randint(2, 300, (6, 32), generator=torch.Generator().manual_seed(0))
+    model = longrope_phi3() if model_type == "phi3" else make_model(num_layers=2)
+    evaluator = FitnessEvaluator(model, sequences, "kl", batch_size=4, layers=model.model.layers)
+    evaluator.cache_teacher(progress=False)
+    longrope = model_type == "phi3"
+    assert evaluator.whole_sequences == longrope
+    if longrope:  # why: a 10-token prefix runs with the short factors, its full sequence with the long ones
+        assert evaluator.score([(0, 10)]) > 0.01
+    batches = []
+    plain_score = evaluator.score
+    evaluator.score = lambda batch, start_block=0: batches.append(batch) or plain_score(batch, start_block)
+    scorer = CandidateScorer(_Dense(), evaluator, ProcessGroup(), reuse_prefix=False)
+    for tokens in (10, 32, 50, 64, 100):
+        assert abs(scorer([(0,)], tokens, np.random.default_rng(tokens))[0]) < 1e-5  # the dense model: KL ~0
+        # The same sequences are drawn either way; only the last is whole or partial.
+        drawn = draw_minibatch(6, 32, tokens, np.random.default_rng(tokens))
+        assert [i for i, _ in batches[-1]] == [i for i, _ in drawn]
+        assert batches[-1] == ([(i, 32) for i, _ in drawn] if longrope else drawn)
+
+
+def test_length_dependent_rope_types():
+    def config(max_position_embeddings=16, **rope):
+        return SimpleNamespace(rope_parameters=rope, max_position_embeddings=max_position_embeddings)
+
+    assert length_dependent_rope(config(rope_type="dynamic", factor=2.0), 17) == "dynamic"
+    assert length_dependent_rope(config(rope_type="dynamic", factor=2.0), 16) is None
+    longrope = config(128, rope_type="longrope", original_max_position_embeddings=16)
+    assert length_dependent_rope(longrope, 17) == "longrope" and length_dependent_rope(longrope, 16) is None
+    assert length_dependent_rope(config(rope_type="llama3", factor=8.0), 64) is None
+    assert length_dependent_rope(config(rope_type="default"), 64) is None
+    # One setting per layer type (as in Gemma 3).
+    per_layer = config(full_attention={"rope_type": "dynamic", "factor": 2.0},
+                       sliding_attention={"rope_type": "default"})
+    assert length_dependent_rope(per_layer, 32) == "dynamic"
+    assert length_dependent_rope(SimpleNamespace(rope_parameters=None), 32) is None

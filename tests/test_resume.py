@@ -3,14 +3,17 @@
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import corpus, make_model
 from optimum_evopress import EvoPressCompressor, EvoPressConfig
-from optimum_evopress.database import MANIFEST_NAME, PROGRESS_NAME
+from optimum_evopress.database import MANIFEST_NAME, PROGRESS_NAME, VariantDatabase
+from optimum_evopress.records import write_atomically
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -137,3 +140,61 @@ def test_partial_database_with_other_settings_or_a_damaged_file_is_refused(tmp_p
     victim.write_bytes(victim.read_bytes()[:-1] + b"\0")
     process, _ = run_child(tmp_path, values)
     assert process.returncode != 0 and "is damaged (checksum mismatch)" in process.stderr
+
+
+def _small_database(directory, finish=True):
+    database = VariantDatabase({"group_size": 16}, directory)
+    for name in ("l0", "l1"):
+        database.add_layer(name, {"w": torch.arange(4.0)}, {2: 0.5, 4: 0.1})
+    if finish:
+        database.finish()
+    return database
+
+
+# Each damages a database record (its bytes, or its JSON object) and names what the error must say.
+_DAMAGED_RECORDS = {
+    "binary garbage": (lambda record: b"\xff\xfe\x00\x81garbage", "cannot read {name}"),
+    "a JSON list": (lambda record: b"[1, 2]", "{name} is damaged (a JSON list, not an object)"),
+    "no layers": (lambda record: record.pop("layers"), "{name} is damaged (it has no 'layers')"),
+    "settings a list": (lambda record: record.update(settings=[1]), "'settings' is a list, not an object"),
+    "a layer without its file": (lambda record: record["layers"]["l0"].pop("file"), "layer 'l0' needs a 'file'"),
+    "a layer without errors": (lambda record: record["errors"].pop("l1"), "layer 'l1' has no errors"),
+}
+
+
+@pytest.mark.parametrize("name", [MANIFEST_NAME, PROGRESS_NAME])
+@pytest.mark.parametrize("damage", list(_DAMAGED_RECORDS))
+def test_a_damaged_database_record_is_a_clear_value_error(tmp_path, name, damage):
+    directory = tmp_path / "db"
+    _small_database(directory, finish=name == MANIFEST_NAME)
+    path = directory / name
+    change, message = _DAMAGED_RECORDS[damage]
+    record = json.loads(path.read_text())
+    raw = change(record)
+    path.write_bytes(raw if isinstance(raw, bytes) else json.dumps(record).encode())
+    with pytest.raises(ValueError, match="db") as error:
+        if name == MANIFEST_NAME:
+            VariantDatabase.open(directory, {"group_size": 16}, ["l0", "l1"])
+        else:
+            VariantDatabase.start({"group_size": 16}, directory)
+    assert message.format(name=name) in str(error.value)
+    assert type(error.value) is ValueError  # not a UnicodeDecodeError or another subclass
+
+
+def test_records_get_the_usual_file_mode_and_are_synced_before_the_rename(tmp_path, monkeypatch):
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync") or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda *args: events.append("replace") or replace(*args))
+    umask = os.umask(0o022)
+    try:
+        write_atomically(tmp_path / "state.json", lambda tmp: open(tmp, "w").close(), ".json")
+        assert events == ["fsync", "replace", "fsync"]  # the file, then the directory holding the rename
+        _small_database(tmp_path / "db")
+    finally:
+        os.umask(umask)
+    # Readable by others, as any file made under this umask (a shared database_dir); no temporary file left.
+    assert stat.S_IMODE(os.stat(tmp_path / "state.json").st_mode) == 0o644
+    assert sorted(os.listdir(tmp_path / "db")) == ["l0.safetensors", "l1.safetensors", MANIFEST_NAME]
+    for file in os.listdir(tmp_path / "db"):
+        assert stat.S_IMODE(os.stat(tmp_path / "db" / file).st_mode) == 0o644, file

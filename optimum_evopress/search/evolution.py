@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,13 @@ logger = logging.getLogger(__name__)
 # which every candidate is a small change of; an evaluator may use it to share work (see prefix reuse).
 Evaluate = Callable[[Sequence[Assignment], int, np.random.Generator, "Assignment | None"], Sequence[float]]
 STATE_VERSION = 1
+# The fields of a search state and the JSON types each must have.
+_STATE_FIELDS: dict[str, tuple[type, ...]] = {
+    "version": (int,), "space": (str,), "settings": (dict,), "context": (dict,), "generation": (int,),
+    "parent": (list,), "parent_fitness": (int, float, type(None)), "mutation_rng": (dict,), "data_rng": (dict,),
+    "history": (list,),
+}
+_nan_warned = False  # a NaN fitness was reported (the warning is logged once per process)
 
 
 @dataclass(frozen=True)
@@ -76,7 +84,9 @@ def multi_step_selection(
 
     The `elite` (the current parent) joins the last stage only, so it is always compared on fresh
     tokens against the best offspring. Returns the winner, its last score and the tokens used.
+    A NaN score (e.g. a float16 overflow) ranks last.
     """
+    global _nan_warned
     pool = list(candidates)
     score, used = float("nan"), 0
     for stage, (keep, num_tokens) in enumerate(zip(survivors, tokens)):
@@ -84,7 +94,11 @@ def multi_step_selection(
             pool.append(elite)
         scores = [float(s) for s in evaluate(pool, num_tokens, rng, elite)]
         used += num_tokens * len(pool)
-        order = sorted(range(len(pool)), key=lambda i: scores[i])  # stable: ties keep the earlier candidate
+        if not _nan_warned and any(math.isnan(s) for s in scores):
+            logger.warning("a candidate's fitness is NaN (e.g. an overflow in float16); NaN ranks last")
+            _nan_warned = True
+        # Stable: ties keep the earlier candidate; NaN (which compares False with everything) goes last.
+        order = sorted(range(len(pool)), key=lambda i: (math.isnan(scores[i]), scores[i]))
         pool = [pool[i] for i in order[:keep]]
         score = scores[order[0]]
     return pool[0], score, used
@@ -111,17 +125,33 @@ def _read_state(path: str, space: LevelSpace, settings: SearchSettings, context:
     try:
         with open(path, encoding="utf-8") as handle:
             state = json.load(handle)
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8 text
         raise ValueError(f"resume_from: cannot read search state {path!r}: {err}") from err
+    if not isinstance(state, dict):
+        raise ValueError(f"resume_from: {path!r} is not an EvoPress search state (a JSON {type(state).__name__}, "
+                         "not an object)")
     if state.get("version") != STATE_VERSION:
         raise ValueError(f"resume_from: {path!r} is not an EvoPress search state (version {state.get('version')!r})")
+    for key, types in _STATE_FIELDS.items():
+        if key not in state:
+            raise ValueError(f"resume_from: search state {path!r} is damaged: it has no {key!r}")
+        if type(state[key]) not in types:
+            allowed = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise ValueError(f"resume_from: search state {path!r} is damaged: {key!r} is "
+                             f"{type(state[key]).__name__} {state[key]!r:.40}, not {allowed}")
+    if state["generation"] < 0:
+        raise ValueError(f"resume_from: search state {path!r} is damaged: 'generation' is {state['generation']}, "
+                         "not a non-negative integer")
+    if not all(type(level) is int for level in state["parent"]):
+        raise ValueError(f"resume_from: search state {path!r} is damaged: 'parent' is {state['parent']!r:.40}, "
+                         "not a list of integers")
     if state.get("space") != space.fingerprint():
         raise ValueError(f"resume_from: {path!r} was written for another model, method or budget")
-    differing = differences(state.get("context", {}), context)
+    differing = differences(state["context"], context)
     if differing:
         raise ValueError(f"resume_from: {path!r} was written for another run; it differs in {list(differing)}")
     # More generations may be asked for on resume; everything else must match.
-    differing = differences(state.get("settings", {}), settings.to_dict())
+    differing = differences(state["settings"], settings.to_dict())
     differing.pop("generations", None)
     if differing:
         detail = "; ".join(f"{key}: state has {old!r}, asked for {new!r}" for key, (old, new) in differing.items())
@@ -130,6 +160,15 @@ def _read_state(path: str, space: LevelSpace, settings: SearchSettings, context:
     if not space.is_valid(parent):
         raise ValueError(f"resume_from: {path!r} holds an assignment that is not valid in this space")
     return state
+
+
+def _restore_rng(rng: np.random.Generator, state: dict[str, Any], key: str, path: str) -> None:
+    """Puts `rng` in the generator state stored under `key`, refusing a damaged one."""
+    try:
+        rng.bit_generator.state = state[key]
+    except (TypeError, ValueError, KeyError, OverflowError) as err:
+        raise ValueError(f"resume_from: search state {path!r} is damaged: {key!r} is not a PCG64 state "
+                         f"({type(err).__name__}: {err})") from err
 
 
 def evolutionary_search(
@@ -177,8 +216,8 @@ def evolutionary_search(
     if resume_from is not None and os.path.exists(resume_from):
         state = _read_state(resume_from, space, settings, context)
         parent, parent_fitness = tuple(state["parent"]), state["parent_fitness"]
-        mutation_rng.bit_generator.state = state["mutation_rng"]
-        data_rng.bit_generator.state = state["data_rng"]
+        _restore_rng(mutation_rng, state, "mutation_rng", resume_from)
+        _restore_rng(data_rng, state, "data_rng", resume_from)
         history = state["history"]
         start = state["generation"]
         logger.info("resuming the search at generation %d from %s", start, resume_from)
