@@ -257,3 +257,37 @@ def test_variants_stream_from_disk_when_memory_is_short(quantized, tokenizer, mo
     assert not streamed.method.variants_fit_in_memory() and not streamed.method.database.in_memory
     assert streamed.result.levels == compressor.result.levels
     assert torch.equal(logits(model), logits(compressed))
+
+
+def level_space_of(num_layers, target, **overrides):
+    config = quant_config(target=target, bits=[2, 3, 4, 5, 6, 8], **overrides)
+    method = Quantization(make_model(num_layers=num_layers), config)
+    return method, method.level_space()
+
+
+@pytest.mark.parametrize("target", [6.5, 7.0])
+def test_targets_near_the_uneven_6_to_8_step_build_a_space(target):
+    # One Llama block: size groups of 2 (k, v), 2 (q, o) and 3 (gate, up, down) layers. 13 bits over two layers
+    # needs 5 + 8, 21 over three needs 5 + 8 + 8: the greedy start alone missed both.
+    method, space = level_space_of(1, target)
+    assignment = space.feasible_assignment()
+    assert space.is_valid(assignment)
+    assert space.budget / method.num_weights <= target
+    if target == 7.0:
+        assert space.budget == 7 * method.num_weights
+
+
+@pytest.mark.parametrize("target, mutation_rule", [(3.1, "size"), (3.1, "all"), (2.6, "size"), (5.3, "size"),
+                                                   (6.5, "all")])
+def test_fractional_targets_never_give_an_average_above_the_target(target, mutation_rule):
+    method, space = level_space_of(3, target, mutation_rule=mutation_rule)
+    assert space.budget / method.num_weights <= target
+    assert space.is_valid(space.feasible_assignment())
+    if target == 3.1:
+        assert space.budget == 3 * method.num_weights  # rounding each size group gave 3.1296 before
+
+
+def test_integer_targets_are_met_exactly_and_start_uniform():
+    method, space = level_space_of(3, 4.0)
+    assert space.budget == 4 * method.num_weights
+    assert method._uniform(space) == (method.bits.index(4),) * space.num_units

@@ -10,6 +10,7 @@ a compressed-tensors `pack-quantized` checkpoint that plain transformers loads.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -35,7 +36,8 @@ class Quantization(LayerwiseMethod):
     Units are single linear layers (`granularity="linear"`, as in the paper), fused groups whose
     members share a bit-width so vLLM can serve the model (`"fused"`: q/k/v, gate/up), or whole
     blocks (`"block"`). The budget is the total number of weight bits; with `mutation_rule="size"`
-    bits are only exchanged between units of equal size, so every size group averages `target`.
+    bits are only exchanged between units of equal size, so every size group keeps its own budget: the
+    most whole bits per unit whose average does not exceed `target`.
     """
 
     baselines = ("uniform", "dynamic_programming")
@@ -100,9 +102,11 @@ class Quantization(LayerwiseMethod):
         sizes = self.unit_sizes()
         costs = [[b * size for b in self.bits] for size in sizes]
         levels = [tuple(self.bits)] * len(self.units)
-        # One group per unit size; each group's budget is its share of the target, rounded to whole bits per unit.
+        # One group per unit size; its budget is size x the largest whole number of bits over its units whose
+        # average does not exceed the target (the 1e-9 absorbs float error, so integer targets are exact).
         groups, distinct = self.size_groups(sizes)
-        group_budgets = [round(self.config.target * groups.count(g)) * size for g, size in enumerate(distinct)]
+        group_budgets = [math.floor(self.config.target * groups.count(g) + 1e-9) * size
+                         for g, size in enumerate(distinct)]
         budget = sum(group_budgets)
         names = [name for name, _ in self.units]
         if self.config.mutation_rule in (None, "size"):

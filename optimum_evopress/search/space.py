@@ -1,13 +1,15 @@
 """The search space: units, their ordered levels, the cost of each level, and one exact budget.
 
-An assignment is a tuple holding one level index per unit. Index 0 is the least compressed level;
-higher indices compress more. The search never sees a model, only this space.
+An assignment is a tuple holding one level index per unit. Each unit's levels are ordered and their
+costs are monotonic in the level index, increasing or decreasing. The search never sees a model,
+only this space.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -24,13 +26,17 @@ class LevelSpace:
 
     Args:
         units: unit names, e.g. `"model.layers.3.self_attn"`.
-        levels: for each unit, its levels from least to most compressed (e.g. `["kept", "dropped"]`).
-        costs: for each unit, an integer cost per level; the budget is a sum of these.
+        levels: for each unit, its levels in order (e.g. `["kept", "dropped"]`).
+        costs: for each unit, an integer cost per level, monotonic in the level index (either direction);
+            the budget is a sum of these.
         budget: the exact total cost of a valid assignment.
         groups: optional group index per unit (0..G-1). With groups, each group keeps its own exact
             budget and level switches only pair units of the same group (the paper's rule of
             exchanging bits only between layers of equal size).
         group_budgets: the exact cost of each group; they sum to `budget`.
+
+    `regular` (computed) is True when every unit's adjacent levels are one cost step apart; see
+    `level_switch_mutation` for what changes when they are not.
     """
 
     units: tuple[str, ...]
@@ -64,6 +70,9 @@ class LevelSpace:
                 raise ValueError("LevelSpace: groups must give each unit a group index 0..G-1, every group used")
             if sum(self.group_budgets) != self.budget:
                 raise ValueError(f"LevelSpace: group budgets sum to {sum(self.group_budgets)}, not {self.budget}")
+        # Regular: each unit's adjacent levels are one cost step apart (depth, sparsity, evenly spaced bits), so
+        # pairing one-level moves of equal step suffices; uneven steps (bits 6 -> 8 among 1-bit steps) need more.
+        object.__setattr__(self, "regular", all(len({b - a for a, b in zip(cs, cs[1:])}) == 1 for cs in self.costs))
 
     def group_members(self) -> list[list[int]]:
         """Unit indices of each group (one group holding every unit when the space has no groups)."""
@@ -116,11 +125,12 @@ class LevelSpace:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def feasible_assignment(self) -> Assignment:
-        """A deterministic assignment at the budget, found greedily; raises when the budget is not reachable exactly.
+        """A deterministic assignment at the budget; raises when the budget is not reachable exactly.
 
         Starts from every unit at its cheapest level and moves units one level towards their dearest,
         round-robin, while the next step does not overshoot the budget (of each group, when the space
-        has groups). Costs must be monotonic in the level index, in either direction.
+        has groups). Where that misses the budget (uneven cost steps), an exact search over the group's
+        reachable totals decides. Costs must be monotonic in the level index, in either direction.
         """
         assignment = [int(np.argmin(c)) for c in self.costs]
         direction = [1 if c[-1] > c[0] else -1 for c in self.costs]
@@ -141,8 +151,46 @@ class LevelSpace:
                             if remaining == 0:
                                 break
             if remaining != 0:
-                raise ValueError(f"LevelSpace: the budget {budget} cannot be met exactly with these levels")
+                exact = self._exact_levels(members, budget, [assignment[u] for u in members])
+                if exact is None:
+                    raise ValueError(f"LevelSpace: the budget {budget} cannot be met exactly with these levels")
+                for u, lv in zip(members, exact):
+                    assignment[u] = lv
         return tuple(assignment)
+
+    def _exact_levels(self, members: list[int], budget: int, near: list[int]) -> list[int] | None:
+        """Levels of `members` that total `budget` exactly, or None: a dynamic programme over the reachable totals.
+
+        Costs are taken above each unit's cheapest level and divided by their common divisor, so the table
+        has one row per unit and one column per total up to the budget. Walking back from the budget, each
+        unit takes the level nearest to `near` (the greedy's levels) that leaves a reachable rest.
+        """
+        floors = [min(self.costs[u]) for u in members]
+        extra = [[c - f for c in self.costs[u]] for u, f in zip(members, floors)]
+        target = budget - sum(floors)
+        step = math.gcd(target, *(c for cs in extra for c in cs)) or 1
+        if target < 0 or target % step:
+            return None
+        extra, target = [[c // step for c in cs] for cs in extra], target // step
+        if len(members) * (target + 1) > 2**28:
+            raise ValueError(f"LevelSpace: the budget {budget} is missed by the greedy start and too large "
+                             f"({len(members)} units x {target + 1} totals) to search exactly")
+        reach = [np.zeros(target + 1, dtype=bool)]  # reach[i][t]: the first i units can total t
+        reach[0][0] = True
+        for cs in extra:
+            row = np.zeros(target + 1, dtype=bool)
+            for c in cs:
+                if c <= target:
+                    row[c:] |= reach[-1][:target + 1 - c]
+            reach.append(row)
+        if not reach[-1][target]:
+            return None
+        levels = [0] * len(members)
+        for i in reversed(range(len(members))):
+            levels[i] = min((lv for lv, c in enumerate(extra[i]) if c <= target and reach[i][target - c]),
+                            key=lambda lv: (abs(lv - near[i]), lv))
+            target -= extra[i][levels[i]]
+        return levels
 
     def random_assignment(self, rng: np.random.Generator) -> Assignment:
         """A random assignment at the budget: a long random walk of level switches from a feasible start."""
@@ -155,12 +203,17 @@ class LevelSpace:
 def level_switch_mutation(space: LevelSpace, parent: Sequence[int], rng: np.random.Generator, flips: int) -> Assignment:
     """Applies `flips` budget-preserving level switches to `parent`.
 
-    One switch raises a unit by one level and lowers another unit (of the same group, when the
-    space has groups) by one level whose cost step is the same, so the total cost never changes.
+    In a regular space (see `LevelSpace`) one switch raises a unit by one level and lowers another
+    unit (of the same group, when the space has groups) by one level whose cost step is the same, so
+    the total cost never changes. Otherwise one unit moves one level and another unit of its group
+    moves to whichever level offsets that cost change exactly (e.g. 6 -> 8 bits against 4 -> 2).
     Where no such pair exists, the parent is returned.
     """
     child = list(parent)
     for _ in range(flips):
+        if not space.regular:
+            _uneven_switch(space, child, rng)
+            continue
         up = [u for u in range(space.num_units) if child[u] + 1 < len(space.levels[u])]
         rng.shuffle(up)
         for u in up:
@@ -177,3 +230,28 @@ def level_switch_mutation(space: LevelSpace, parent: Sequence[int], rng: np.rand
                 child[v] -= 1
                 break
     return tuple(child)
+
+
+def _uneven_switch(space: LevelSpace, child: list[int], rng: np.random.Generator) -> None:
+    """One switch in place for uneven cost steps: unit u moves one level (a random direction first), and a
+    random unit v of its group moves to the level (any, not only the next) whose cost offsets u's change."""
+    order = list(range(space.num_units))
+    rng.shuffle(order)
+    for u in order:
+        moves = [lv for lv in (child[u] + 1, child[u] - 1) if 0 <= lv < len(space.costs[u])]
+        if len(moves) == 2 and rng.integers(2):
+            moves.reverse()
+        for lv in moves:
+            delta = space.costs[u][lv] - space.costs[u][child[u]]
+            if not delta:
+                continue
+            partners = [
+                (v, space.costs[v].index(space.costs[v][child[v]] - delta))
+                for v in range(space.num_units)
+                if v != u and (space.groups is None or space.groups[v] == space.groups[u])
+                and space.costs[v][child[v]] - delta in space.costs[v]
+            ]
+            if partners:
+                v, level = partners[int(rng.integers(len(partners)))]
+                child[u], child[v] = lv, level
+                return
