@@ -40,12 +40,13 @@ def build_parser(prog: str = "evopress") -> argparse.ArgumentParser:
     return parser
 
 
-def add_commands(parser: argparse.ArgumentParser) -> None:
-    """Adds the `compress`, `evaluate`, `export` and `push` commands to `parser` (also used by optimum-cli)."""
+def add_commands(parser: argparse.ArgumentParser, examples: str = _EXAMPLES) -> None:
+    """Adds the `compress`, `evaluate`, `export` and `push` commands to `parser` (also used by optimum-cli, whose
+    `examples` name its own command)."""
     commands = parser.add_subparsers(dest="command", required=True, metavar="{compress,evaluate,export,push}")
 
     compress = commands.add_parser("compress", help="search a level per unit and write the compressed checkpoint",
-                                   epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter)
     compress.add_argument("--model", default="smollm2-135m",
                           help="local model directory or Hub id; `smollm2-135m` (default) is the built-in offline model")
     compress.add_argument("--output", required=True, help="directory for the compressed checkpoint")
@@ -78,7 +79,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     compress.add_argument("--quiet", action="store_true", help="no progress bars")
 
     evaluate = commands.add_parser("evaluate", help="perplexity of a model on held-out text (and lm-eval tasks)",
-                                   epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter)
     evaluate.add_argument("--model", required=True, help="model directory, Hub id or `smollm2-135m`")
     evaluate.add_argument("--dataset", default="wikipedia",
                           help="built-in corpus (`wikipedia`, `shakespeare`: their held-out parts), a local file (text, "
@@ -106,7 +107,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
         description="Rebuilds a compressed model from saved levels without searching again: the levels and the "
                     "config come from an EvoPress checkpoint (directory or Hub repo), or from a levels file plus "
                     "--config. Use it to write another format (e.g. --format gptq) or to compress a local copy.",
-        epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter)
     export.add_argument("--levels", required=True,
                         help="an EvoPress checkpoint (directory or Hub repo id) or a levels file (`name: level` lines "
                              "or JSON)")
@@ -126,7 +127,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
         "push", help="upload a saved checkpoint with its model card to the Hugging Face Hub",
         description="Uploads an EvoPress checkpoint directory in one commit, with a model card written for the repo "
                     "and the level heat map. Needs a token with write access (--token, HF_TOKEN or `hf auth login`).",
-        epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter)
     push.add_argument("checkpoint", help="a directory written by `evopress compress` or `save_pretrained`")
     push.add_argument("repo_id", help="`name` or `namespace/name`; created when missing")
     push.add_argument("--private", action="store_true", default=None, help="create the repo as private")

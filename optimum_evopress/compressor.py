@@ -23,7 +23,7 @@ from .models import DEFAULT_MODEL, find_decoder, is_builtin
 from .fitness import FitnessEvaluator
 from .methods import CompressionMethod, get_method_class
 from .scoring import CandidateScorer
-from .search import (SearchResult, SearchSettings, brute_force_search, evolutionary_search,
+from .search import (SearchResult, SearchSettings, brute_force_search, check_search_state, evolutionary_search,
                      one_at_a_time_search, random_search)
 
 __all__ = ["EvoPressCompressor", "EvoPressResult"]
@@ -213,6 +213,12 @@ class EvoPressCompressor:
             config.evaluation_tokens, seed=config.seed, dataset_config=config.calibration_dataset_config,
             dataset_split=config.calibration_split, text_column=config.text_column)
         timings["data"] = time.perf_counter() - clock
+        if config.search == "evolution" and config.resume_from is not None and os.path.isfile(config.resume_from):
+            # A state of another run fails now, not after the database and the dense outputs.
+            dtype = _DTYPES.get(config.dtype) or next(self.model.parameters()).dtype
+            context = self._search_context(config, data, method, dtype)
+            context.pop("variants", None)  # known once the database is built
+            check_search_state(config.resume_from, space, search_settings, context)
         self._prepare_model(config)  # after the data: bad data leaves the model where and as it was
 
         self.model.eval()
@@ -338,10 +344,11 @@ class EvoPressCompressor:
             for module, name, buffer in kept:
                 module._buffers[name] = buffer
 
-    def _search_context(self, config: EvoPressConfig, data: TokenData, method: CompressionMethod) -> dict[str, Any]:
+    def _search_context(self, config: EvoPressConfig, data: TokenData, method: CompressionMethod,
+                        dtype: torch.dtype | None = None) -> dict[str, Any]:
         """What a saved search state must match to be resumed, besides the space and the search settings."""
         context = {"calibration": tensor_fingerprint([data.calibration]), "fitness": config.fitness,
-                   "model": self.base_model, "dtype": str(next(self.model.parameters()).dtype)}
+                   "model": self.base_model, "dtype": str(dtype or next(self.model.parameters()).dtype)}
         if config.fitness in TOPK_FITNESS_KINDS:
             context["topk"] = config.topk
         database = getattr(method, "database", None)

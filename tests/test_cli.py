@@ -177,6 +177,9 @@ def test_every_command_has_help_with_examples_in_both_clis():
     assert optimum.returncode == 0, optimum.stderr
     assert "{compress,evaluate,export,push}" in optimum.stdout
     assert "optimum-cli evopress compress --preset cpu" in optimum.stdout
+    export = subprocess.run([sys.executable, "-c", "from optimum.commands.optimum_cli import main; main()",
+                             "evopress", "export", "--help"], capture_output=True, text=True)
+    assert "  optimum-cli evopress export --levels" in export.stdout and "  evopress export" not in export.stdout
 
 
 @pytest.mark.process

@@ -116,6 +116,7 @@ def test_mismatched_or_damaged_states_are_refused(tokenizer, tmp_path):
     # Other calibration data: same space and search settings, another run.
     with pytest.raises(ValueError, match=r"another run; it differs in \['calibration'"):
         compress(calibration_dataset=corpus(41), resume_from=state, database_dir=str(tmp_path / "db2"))
+    assert not (tmp_path / "db2").exists()  # refused before the database was built
     with pytest.raises(ValueError, match="other search settings"):
         compress(offspring=3, resume_from=state, database_dir=str(tmp_path / "db"))
     with open(state, "r+") as handle:

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from ..records import differences, write_atomically
 from .space import Assignment, LevelSpace, level_switch_mutation
 
-__all__ = ["SearchSettings", "SearchResult", "Evaluate", "evolutionary_search", "multi_step_selection"]
+__all__ = ["SearchSettings", "SearchResult", "Evaluate", "evolutionary_search", "multi_step_selection",
+           "check_search_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +122,14 @@ def _write_state(path: str, state: dict[str, Any]) -> None:
     write_atomically(path, write, ".json")
 
 
-def _read_state(path: str, space: LevelSpace, settings: SearchSettings, context: dict[str, Any]) -> dict[str, Any]:
+def check_search_state(path: str, space: LevelSpace, settings: SearchSettings, context: dict[str, Any]) -> None:
+    """Raises the `ValueError` resuming from `path` would, before any work: a damaged state, another space or
+    other settings, or a context entry that differs (entries `context` does not hold yet are not compared)."""
+    _read_state(path, space, settings, context, partial=True)
+
+
+def _read_state(path: str, space: LevelSpace, settings: SearchSettings, context: dict[str, Any],
+                partial: bool = False) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as handle:
             state = json.load(handle)
@@ -147,7 +155,8 @@ def _read_state(path: str, space: LevelSpace, settings: SearchSettings, context:
                          "not a list of integers")
     if state.get("space") != space.fingerprint():
         raise ValueError(f"resume_from: {path!r} was written for another model, method or budget")
-    differing = differences(state["context"], context)
+    stored = {key: value for key, value in state["context"].items() if key in context} if partial else state["context"]
+    differing = differences(stored, context)
     if differing:
         raise ValueError(f"resume_from: {path!r} was written for another run; it differs in {list(differing)}")
     # More generations may be asked for on resume; everything else must match.

@@ -18,7 +18,7 @@ class EvoPressCommand(BaseOptimumCLICommand):
 
         parser.description, parser.formatter_class = _DESCRIPTION, argparse.RawDescriptionHelpFormatter
         parser.epilog = _EXAMPLES.replace("  evopress ", "  optimum-cli evopress ")
-        add_commands(parser)
+        add_commands(parser, parser.epilog)
 
     def run(self):
         import sys
