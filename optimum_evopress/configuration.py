@@ -397,11 +397,21 @@ class EvoPressConfig:
         self.to_json_file(os.path.join(save_directory, CONFIG_NAME))
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "EvoPressConfig":
-        """Reads a config from a directory holding `evopress_config.json` (a saved config or checkpoint) or a file."""
+    def from_pretrained(cls, path: str | os.PathLike, **hub_kwargs: Any) -> "EvoPressConfig":
+        """Reads a config from `evopress_config.json` (a saved config or checkpoint): a file, a directory holding
+        it, or a Hub repo (`hub_kwargs`: `revision`, `token`, ... for `hf_hub_download`)."""
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, CONFIG_NAME)
+        elif not os.path.exists(path) and path.count("/") == 1 and not path.startswith((".", "~")):
+            from huggingface_hub import hf_hub_download  # noqa: PLC0415
+            from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError  # noqa: PLC0415
+
+            try:
+                path = hf_hub_download(path, CONFIG_NAME, **hub_kwargs)
+            except (EntryNotFoundError, RepositoryNotFoundError) as err:
+                raise FileNotFoundError(f"no {CONFIG_NAME} at {path!r}: no local file and no Hub repo with one "
+                                        f"({type(err).__name__})") from err
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no {CONFIG_NAME} at {path}")
         return cls.from_json_file(path)

@@ -296,3 +296,15 @@ def test_the_builtin_models_cached_copy_is_recorded_by_its_alias(tokenizer, tmp_
     assert EvoPressCompressor(model, tokenizer).base_model == "smollm2-135m"
     model.name_or_path = str(tmp_path / "other")
     assert EvoPressCompressor(model, tokenizer).base_model == str(tmp_path / "other")
+
+
+def test_a_config_reads_from_a_hub_repo(saved, hub, monkeypatch):
+    compressor, _, directory = saved
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    push_checkpoint(directory, "tester/config-repo", token=TOKEN)
+    config = EvoPressConfig.from_pretrained("tester/config-repo", token=TOKEN)
+    assert config.to_dict() == {**compressor.config.to_dict(), "checkpoint_path": None, "resume_from": None}
+    with pytest.raises(FileNotFoundError, match="no local file and no Hub repo"):
+        EvoPressConfig.from_pretrained("tester/absent", token=TOKEN)
