@@ -110,9 +110,10 @@ class EvoPressConfig:
     )
     mutation_rule: str | None = field(
         default=None,
-        metadata={"help": "`size`: exchange budget only between units of equal size (each size group keeps the "
-                  "target average, the paper's rule for quantization); `all`: between any units with equal cost "
-                  "steps. None: the method's default (`size` for quantization, `all` for sparsity)."},
+        metadata={"help": "`size`: exchange budget only between units of equal size (each size group keeps its "
+                  "share of the target, the paper's rule for quantization); `all`: between any units whose level "
+                  "changes cost the same. None: the method's default (`size` for quantization, `all` for "
+                  "sparsity)."},
     )
     sparsity_step: int | None = field(
         default=None,
