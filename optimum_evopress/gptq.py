@@ -66,10 +66,13 @@ def dequantize(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -
     return (q * scale.unsqueeze(-1)).flatten(-2)
 
 
-def _group_scales(weight: torch.Tensor, qmax: torch.Tensor) -> torch.Tensor:
-    """Symmetric scales for `weight` (rows, columns of one group): absmax / ((2^b - 1) / 2), per row."""
+def _group_scales(weight: torch.Tensor, qmax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Symmetric scales for `weight` (rows, columns of one group): absmax / ((2^b - 1) / 2), per row, rounded to
+    `dtype` (returned in float32). A scale that is zero there (an all-zero group, or one too small for float16)
+    becomes the smallest normal number of `dtype`: its weights quantize to 0 instead of 0 / 0."""
     absmax = weight.abs().amax(dim=1)
-    return (absmax / (qmax.squeeze(1) + 0.5)).clamp_min(1e-8)
+    scale = (absmax / (qmax.squeeze(1) + 0.5)).to(dtype)
+    return torch.where(scale > 0, scale, torch.finfo(dtype).tiny).float()
 
 
 @torch.no_grad()
@@ -86,7 +89,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: Sequence[in
         act_order: quantize columns in order of decreasing Hessian diagonal. Group scales are then fixed
             from the unquantized weight before the solve ("static groups"), so the stored layout is unchanged.
         damp: fraction of the mean Hessian diagonal added to the diagonal before factorising.
-        block_size: columns updated together (lazy batch updates); rounded up to a multiple of `group_size`.
+        block_size: columns updated together (lazy batch updates); rounded up to a multiple of `group_size`
+            when group scales are computed during the solve.
         scale_dtype: the dtype scales are stored in; the solve rounds with scales in this dtype, so the
             stored integers and scales reproduce its result exactly.
         keep_zeros: weights that are exactly zero stay zero (integer 0) and the error of every other weight
@@ -104,6 +108,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: Sequence[in
     qmin = -qmax - 1
 
     H = hessian.to(torch.float32).clone()
+    if not torch.isfinite(H).all():
+        raise ValueError("GPTQ: the layer's Hessian holds inf or NaN (its calibration inputs overflowed; try "
+                         "EvoPressConfig.dtype='bfloat16' or 'float32')")
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W = original.clone()
@@ -112,10 +119,14 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: Sequence[in
     keep = (original != 0).repeat(n_bits, 1) if keep_zeros else torch.ones_like(W, dtype=torch.bool)
 
     scales = torch.empty(n_bits * rows, columns // group, dtype=torch.float32, device=device)
-    if act_order:
+    # Static scales are fixed before the solve: with act_order (from the unquantized weight), and with one scale
+    # per row (from the row as it is at column 0, before any update: the same either way).
+    static = act_order or group == columns
+    if static:
         for g in range(columns // group):
-            scales[:, g] = _group_scales(W[:, g * group:(g + 1) * group] * keep[:, g * group:(g + 1) * group], qmax)
-        scales = scales.to(scale_dtype).to(torch.float32)
+            columns_g = slice(g * group, (g + 1) * group)
+            scales[:, g] = _group_scales(W[:, columns_g] * keep[:, columns_g], qmax, scale_dtype)
+    if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H, keep = W[:, perm], H[perm][:, perm], keep[:, perm]
         group_of = perm // group
@@ -129,8 +140,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: Sequence[in
     U = torch.linalg.cholesky(H_inv, upper=True)  # upper factor of H^-1: row i holds the update for column i
 
     Q = torch.zeros_like(W)
-    block_size = max(block_size, group)
-    block_size += -block_size % group
+    if not static:  # a group's scales come from its columns as updated so far: the group lies inside one block
+        block_size = max(block_size, group)
+        block_size += -block_size % group
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
         W1 = W[:, i1:i2].clone()
@@ -138,10 +150,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: Sequence[in
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             column = i1 + i
-            if not act_order and column % group == 0:
+            if not static and column % group == 0:
                 # Scales of a group come from its columns as updated so far (the group lies inside this block).
                 scales[:, column // group] = _group_scales(W1[:, i:i + group] * keep[:, column:column + group],
-                                                           qmax).to(scale_dtype).float()
+                                                           qmax, scale_dtype)
             scale = scales[:, group_of[column]]
             w = W1[:, i]
             q = torch.clamp(torch.round(w / scale), qmin[:, 0], qmax[:, 0]) * keep[:, column]
@@ -159,7 +171,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: Sequence[in
     for k, b in enumerate(bits):
         q = Q[k * rows:(k + 1) * rows]
         s = scales[k * rows:(k + 1) * rows]
-        delta = original - (q.unflatten(1, (columns // group, group)) * s.unsqueeze(-1)).flatten(1)
+        # The error of the weight the model computes with: q · scale rounded to the model's dtype.
+        delta = original - dequantize(q, s, scale_dtype).float()
         error = float(torch.sum((delta @ H0) * delta) / reference)
         variants[b] = QuantizedVariant(bits=b, qweight=q.to(torch.int8).cpu(), scale=s.to(scale_dtype).cpu(),
                                        error=error)

@@ -99,3 +99,32 @@ def test_scales_in_bfloat16_reproduce_the_solve():
     # Re-quantizing the stored weights with the stored scales gives back the stored integers.
     requantized = torch.round(approx.float().unflatten(1, (4, 32)) / variant.scale.float().unsqueeze(-1)).flatten(1)
     assert torch.equal(requantized.to(torch.int8), variant.qweight)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_all_zero_groups_in_float16_quantize_to_zero_not_nan(act_order):
+    weight, inputs, hessian = _problem(seed=6)
+    weight[1] = 0.0  # a pruned output channel
+    weight[2, :32] = 1e-7  # a group too small for float16 scales
+    variants = gptq_quantize(weight, hessian, [4, 8], group_size=32, act_order=act_order, scale_dtype=torch.float16)
+    for variant in variants.values():
+        approx = dequantize(variant.qweight, variant.scale, torch.float16)
+        assert torch.isfinite(approx).all() and (variant.scale > 0).all() and variant.error == variant.error
+        assert not variant.qweight[1].any() and not approx[1].any()
+        # the error stored is that of the weight the model computes with (rounded to float16)
+        assert variant.error == pytest.approx(_output_error(weight, approx.float(), inputs), rel=1e-3)
+
+
+def test_per_row_scales_solve_in_lazy_blocks_like_one_block():
+    weight, _, hessian = _problem(columns=256, seed=7)
+    lazy = gptq_quantize(weight, hessian, [3], group_size=None)[3]
+    whole = gptq_quantize(weight, hessian, [3], group_size=None, block_size=256)[3]
+    assert torch.equal(lazy.scale, whole.scale)
+    assert (lazy.qweight != whole.qweight).float().mean() < 0.002  # float rounding of the update order only
+
+
+def test_a_hessian_with_inf_or_nan_is_a_clear_error():
+    weight, _, hessian = _problem(seed=8)
+    hessian[3, 3] = float("inf")
+    with pytest.raises(ValueError, match="Hessian holds inf or NaN"):
+        gptq_quantize(weight, hessian, [4], group_size=32)
