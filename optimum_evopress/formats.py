@@ -44,6 +44,12 @@ def quantization_config(layer_bits: dict[str, int], group_size: int | None) -> A
                               ignore=["lm_head"])
 
 
+def _integers(weight: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Our integers q of a quantized layer, exactly: its weight is q · scale rounded once to the model's dtype
+    (a relative error of at most 2^-9, so |q| <= 128 is off by at most 1/4 before rounding)."""
+    return torch.round(weight.double() / scale.double().repeat_interleave(group_size, 1))
+
+
 @torch.no_grad()
 def compressed_state_dict(model: torch.nn.Module, layer_bits: dict[str, int], group_size: int | None
                           ) -> dict[str, torch.Tensor]:
@@ -55,8 +61,13 @@ def compressed_state_dict(model: torch.nn.Module, layer_bits: dict[str, int], gr
     for name, bits in layer_bits.items():
         module = model.get_submodule(name)
         scheme = QuantizationScheme(targets=[name], weights=QuantizationArgs(**_scheme_args(bits, group_size)))
-        packed = PackedQuantizationCompressor.compress(
-            {"weight": stored_weight(module).detach(), "weight_scale": getattr(module, SCALE_BUFFER)}, scheme)
+        weight, scale = stored_weight(module), getattr(module, SCALE_BUFFER)
+        size = group_size or weight.shape[1]
+        # The packer rounds weight / scale in the weight's dtype, which in bfloat16 can miss an 8-bit integer by
+        # one; q · scale in float32 is within 2^-23 of it, so it recovers our integers exactly.
+        exact = _integers(weight, scale, size).float() * scale.float().repeat_interleave(size, 1)
+        packed = PackedQuantizationCompressor.compress({"weight": exact, "weight_scale": scale.float()}, scheme)
+        packed["weight_scale"] = scale  # stored in the model's dtype, as the model computes with it
         del state[f"{name}.weight"]
         state.update({f"{name}.{key}": value.contiguous() for key, value in packed.items()})
     return state
@@ -65,10 +76,16 @@ def compressed_state_dict(model: torch.nn.Module, layer_bits: dict[str, int], gr
 def save_compressed_tensors(model: torch.nn.Module, save_directory: str | os.PathLike, **kwargs: Any) -> None:
     """Writes `model` (quantized by EvoPress) as a compressed-tensors `pack-quantized` checkpoint.
 
-    The in-memory model is left untouched: packing works on a copy of the state dict.
+    The in-memory model is left untouched: packing works on a copy of the state dict. As transformers does, only
+    the main process writes: `is_main_process`, and rank 0 under torch.distributed.
     """
+    import torch.distributed as dist
     from compressed_tensors.compressors import ModelCompressor
     from transformers import PreTrainedModel
+
+    distributed = dist.is_available() and dist.is_initialized()
+    if not kwargs.pop("is_main_process", True) or (distributed and dist.get_rank() != 0):
+        return
 
     record = model.config.evopress
     layer_bits = {name: int(bits) for name, bits in record["layer_bits"].items()}
@@ -129,8 +146,7 @@ def gptq_state_dict(model: torch.nn.Module, layer_bits: dict[str, int], group_si
         out_features, in_features = weight.shape
         size = group_size or in_features
         scale = getattr(module, SCALE_BUFFER).to(torch.float16).float()
-        # Our integers, exactly: the in-memory weight is q * scale rounded once to the model's dtype.
-        q = torch.round(weight.double() / getattr(module, SCALE_BUFFER).double().repeat_interleave(size, 1))
+        q = _integers(weight, getattr(module, SCALE_BUFFER), size)
         zero = 2 ** (bits - 1)
         # (q + zero) * scale is exact in float32 (8-bit integers times 11-bit fp16 mantissas), so the
         # packer's round((W + zero * scale) / scale) recovers q + zero exactly.

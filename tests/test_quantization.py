@@ -91,6 +91,15 @@ def test_bfloat16_compression_reloads_bit_exact(tokenizer, tmp_path):
     assert torch.equal(out["logits"], logits(compressed))
 
 
+def test_bfloat16_at_8_bits_exports_the_integers_the_search_scored(tokenizer, tmp_path):
+    # In bfloat16, rounding q * scale / scale again can miss an 8-bit integer by one: the export must not.
+    compressor, compressed = compress(tokenizer, dtype="bfloat16", bits=[4, 8], target=8.0, search="uniform")
+    assert set(compressed.config.evopress["layer_bits"].values()) == {8}
+    compressor.save_pretrained(tmp_path / "bf16-8bit")
+    out = reload_in_fresh_process([tmp_path / "bf16-8bit"], input_ids(), tmp_path)[str(tmp_path / "bf16-8bit")]
+    assert torch.equal(out["logits"], logits(compressed))
+
+
 def test_model_save_pretrained_writes_the_same_checkpoint(quantized, tmp_path):
     _, compressed, root = quantized
     before = logits(compressed)
@@ -99,6 +108,18 @@ def test_model_save_pretrained_writes_the_same_checkpoint(quantized, tmp_path):
     assert direct.keys() == via_compressor.keys()
     assert all(torch.equal(direct[key], via_compressor[key]) for key in direct)
     assert torch.equal(logits(compressed), before)  # saving left the in-memory model as it was
+
+
+def test_model_save_pretrained_writes_on_the_main_process_only(quantized, tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    _, compressed, _ = quantized
+    compressed.save_pretrained(tmp_path / "other", is_main_process=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(dist, "is_initialized", lambda: True)
+        patch.setattr(dist, "get_rank", lambda: 1)
+        compressed.save_pretrained(tmp_path / "rank1")  # under torchrun, rank 0 writes
+    assert not (tmp_path / "other").exists() and not (tmp_path / "rank1").exists()
 
 
 def test_second_run_reuses_the_database(quantized, tokenizer, monkeypatch):
