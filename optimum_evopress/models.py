@@ -91,13 +91,13 @@ def is_offloaded(module: nn.Module) -> bool:
 
 
 class _WeightOverride(Mapping):
-    """An offloaded module's weights as its hook loads them, with `weight` replaced."""
+    """An offloaded module's weights as its hook loads them, with some (`weight`, `bias`) replaced."""
 
-    def __init__(self, base: Mapping, weight: torch.Tensor) -> None:
-        self.base, self.weight = base, weight
+    def __init__(self, base: Mapping, overrides: dict[str, torch.Tensor]) -> None:
+        self.base, self.overrides = base, overrides
 
     def __getitem__(self, key: str) -> Any:
-        return self.weight if key == "weight" else self.base[key]
+        return self.overrides[key] if key in self.overrides else self.base[key]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.base)
@@ -115,14 +115,16 @@ def stored_weight(module: nn.Module, name: str = "weight") -> torch.Tensor | Non
     return None if parameter is None else parameter.data
 
 
-def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
-    """Makes a layer compute with `weight` (no copy): as its parameter's data, or through its offload hook."""
+def set_weight(module: nn.Module, weight: torch.Tensor, name: str = "weight") -> None:
+    """Makes a layer compute with `weight` as its parameter `name` (no copy): as the parameter's data, or through
+    its offload hook."""
     if is_offloaded(module):
         hook = module._hf_hook
-        base = hook.weights_map.base if isinstance(hook.weights_map, _WeightOverride) else hook.weights_map
-        hook.weights_map = _WeightOverride(base, weight)
+        current = hook.weights_map
+        base, overrides = (current.base, current.overrides) if isinstance(current, _WeightOverride) else (current, {})
+        hook.weights_map = _WeightOverride(base, {**overrides, name: weight})
     else:
-        module.weight.data = weight
+        getattr(module, name).data = weight
 
 
 # --------------------------------------------------------------------------- built-in model

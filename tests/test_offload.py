@@ -114,3 +114,20 @@ def test_renormalized_topk_kl_reads_the_rows_of_an_offloaded_output_head(saved_m
         DepthPruning(model, config("depth")).set_levels((0, 1, 0, 0, 1, 0))
         scores.append(evaluator.score([(0, 20), (1, 12)]))
     assert scores[0] > 0.01 and scores[1] == scores[0]
+
+
+def test_offloaded_sub_blocks_are_zeroed_in_memory_and_in_the_checkpoint(saved_model, tokenizer, tmp_path):
+    levels = {f"model.layers.{i}.{part}": "kept" for i in range(6) for part in ("self_attn", "mlp")}
+    levels.update({"model.layers.3.self_attn": "dropped", "model.layers.2.mlp": "dropped",  # offloaded blocks
+                   "model.layers.0.mlp": "dropped"})
+    fixed = config("depth", granularity="sublayer", target=3 / 12, search="fixed", levels=levels)
+    whole = EvoPressCompressor(AutoModelForCausalLM.from_pretrained(saved_model).eval(), tokenizer)
+    whole.compress(fixed, save_dir=tmp_path / "whole", progress=False)
+    offloaded = EvoPressCompressor(load_offloaded(saved_model, tmp_path / "offload"), tokenizer)
+    offloaded.compress(fixed, save_dir=tmp_path / "offloaded", progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded.model(input_ids=IDS).logits, whole.model(input_ids=IDS).logits,
+                                   rtol=0, atol=0)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "offloaded")
+    assert not reloaded.model.layers[3].self_attn.o_proj.weight.any()
+    assert not reloaded.model.layers[2].mlp.down_proj.weight.any()

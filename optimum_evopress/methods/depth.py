@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import find_decoder, input_device
+from ..models import find_decoder, input_device, set_weight, stored_weight
 from ..search.baselines import rank_to_assignment
 from ..search.space import Assignment, LevelSpace
 from .base import CompressionMethod, register_method
@@ -282,9 +282,11 @@ def _zero_parts(dropping: list[int], num_parts: int):
 
 
 def _zero_linear(linear: nn.Module) -> None:
-    linear.weight.zero_()
-    if getattr(linear, "bias", None) is not None:
-        linear.bias.zero_()
+    """Zeroes a layer's weight and bias, also where accelerate offloads them (to the CPU or disk)."""
+    for name in ("weight", "bias"):
+        value = stored_weight(linear, name)
+        if value is not None:
+            set_weight(linear, torch.zeros_like(value), name)
 
 
 register_method("depth", DepthPruning)
