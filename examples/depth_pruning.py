@@ -2,8 +2,8 @@
 
     python examples/depth_pruning.py --output smollm2-depth-25
 
-Runs offline on a CPU in about 10 minutes (the `cpu` preset); on a GPU drop `--preset cpu`
-to use the paper's settings.
+Runs offline on a CPU in about 10 minutes (the `cpu` preset, the default here); on a GPU pass
+`--preset paper` for the paper's settings.
 """
 
 import argparse

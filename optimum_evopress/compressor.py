@@ -244,33 +244,38 @@ class EvoPressCompressor:
         clock = time.perf_counter()
         evaluate = CandidateScorer(method, evaluator, group, config.reuse_prefix, config.candidate_batch_size)
         final_tokens = max(search_settings.tokens_per_selection)
-        with torch.no_grad():
-            if config.search == "evolution":
-                found = evolutionary_search(space, evaluate, search_settings,
-                                            checkpoint_path=config.checkpoint_path, write_state=group.is_main,
-                                            resume_from=config.resume_from, progress=progress,
-                                            seeds=method.initial_assignments(space),
-                                            context=self._search_context(config, data, method))
-            elif config.search == "random":
-                found = random_search(space, config.seed, evaluate, final_tokens, search_settings.initial_candidates)
-            elif config.search == "brute_force":
-                found = brute_force_search(space, evaluate, final_tokens, config.seed, progress)
-            elif config.search == "one_at_a_time":
-                found = one_at_a_time_search(space, evaluate, final_tokens, config.seed)
-            elif config.search == "fixed":
-                found = SearchResult(assignment=fixed, fitness=None)
-            else:
-                # Method baselines such as block influence need one forward pass: give them every calibration token.
-                found = method.run_baseline(config.search, space, data.calibration)
-                if isinstance(found, list):  # candidates: keep the best on the final stage's tokens
-                    scores = [float(v) for v in evaluate(found, final_tokens, np.random.default_rng(config.seed), None)]
-                    best = int(np.argmin(scores))
-                    found = SearchResult(assignment=found[best], fitness=scores[best],
-                                         history=[{"candidate_scores": scores}])
+        # However the search ends (an error, Ctrl-C), the model is left dense, as it came.
+        try:
+            with torch.no_grad():
+                if config.search == "evolution":
+                    found = evolutionary_search(space, evaluate, search_settings,
+                                                checkpoint_path=config.checkpoint_path, write_state=group.is_main,
+                                                resume_from=config.resume_from, progress=progress,
+                                                seeds=method.initial_assignments(space),
+                                                context=self._search_context(config, data, method))
+                elif config.search == "random":
+                    found = random_search(space, config.seed, evaluate, final_tokens,
+                                          search_settings.initial_candidates)
+                elif config.search == "brute_force":
+                    found = brute_force_search(space, evaluate, final_tokens, config.seed, progress)
+                elif config.search == "one_at_a_time":
+                    found = one_at_a_time_search(space, evaluate, final_tokens, config.seed)
+                elif config.search == "fixed":
+                    found = SearchResult(assignment=fixed, fitness=None)
                 else:
-                    found = SearchResult(assignment=found, fitness=None)
-        evaluator.clear_prefix()
-        method.reset()
+                    # Method baselines such as block influence need one forward pass: every calibration token.
+                    found = method.run_baseline(config.search, space, data.calibration)
+                    if isinstance(found, list):  # candidates: keep the best on the final stage's tokens
+                        rng = np.random.default_rng(config.seed)
+                        scores = [float(v) for v in evaluate(found, final_tokens, rng, None)]
+                        best = int(np.argmin(scores))
+                        found = SearchResult(assignment=found[best], fitness=scores[best],
+                                             history=[{"candidate_scores": scores}])
+                    else:
+                        found = SearchResult(assignment=found, fitness=None)
+        finally:
+            evaluator.clear_prefix()
+            method.reset()
         timings["search"] = time.perf_counter() - clock
         timings["search_forward"] = evaluator.forward_seconds
         timings["search_fitness"] = evaluator.metric_seconds

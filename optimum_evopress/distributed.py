@@ -82,14 +82,18 @@ def current_group(device: str | None = None) -> ProcessGroup:
     if not dist.is_initialized():
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return ProcessGroup()
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
         if cuda:
-            torch.cuda.set_device(local_rank)
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo")
         atexit.register(_destroy)
-    local_rank = int(os.environ.get("LOCAL_RANK", str(dist.get_rank())))
-    return ProcessGroup(dist.get_rank(), dist.get_world_size(), local_rank)
+    rank = dist.get_rank()
+    # Launchers set LOCAL_RANK; without it (a group made by the caller), ranks fill the GPUs of each machine in turn.
+    fallback = rank % torch.cuda.device_count() if torch.cuda.is_available() else rank
+    local_rank = int(os.environ.get("LOCAL_RANK", fallback))
+    if dist.get_backend() == "nccl":  # NCCL's collectives run on the current device: this process's GPU
+        torch.cuda.set_device(local_rank)
+    return ProcessGroup(rank, dist.get_world_size(), local_rank)
 
 
 def _destroy() -> None:

@@ -308,3 +308,25 @@ def test_overwrite_replaces_only_an_earlier_checkpoint_and_keeps_the_directory(t
         compressor.save_pretrained(tmp_path / "project", overwrite=True)
     assert os.listdir(tmp_path / "project") == ["notes.txt"]
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(method="quantization", target=3.0, bits=[2, 4], group_size=16)])
+def test_an_interrupted_search_leaves_the_model_dense(tokenizer, monkeypatch, overrides):
+    from optimum_evopress.fitness import FitnessEvaluator
+
+    model = make_model()
+    with torch.no_grad():
+        dense = model(input_ids=IDS).logits
+    real, calls = FitnessEvaluator.score, [0]
+
+    def interrupted(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 6:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(FitnessEvaluator, "score", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        EvoPressCompressor(model, tokenizer).compress(small_config(**overrides), progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=IDS).logits, dense, rtol=0, atol=0)

@@ -105,3 +105,31 @@ def test_cli_under_torchrun_writes_one_checkpoint(tokenizer, tmp_path):
     assert process.stdout.count("budget: 2 of 4 units") == 1  # the main process alone reports
     record = json.loads((tmp_path / "out" / "evopress_config.json").read_text())
     assert sum(level == "dropped" for level in record["levels"].values()) == 2
+
+
+_LATE_RANK = r"""
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import torch.distributed as dist
+from conftest import make_model, make_tokenizer
+from optimum_evopress import EvoPressCompressor, EvoPressConfig
+from optimum_evopress.database import VariantDatabase
+from test_resume import settings
+
+# Rank 1 looks for the database a moment later, after the main process has finished it (here: it believes so).
+real = VariantDatabase.exists
+VariantDatabase.exists = staticmethod(lambda directory: real(directory) or dist.get_rank() == 1)
+values = settings(method="quantization", target=3.0, bits=[2, 4], group_size=16, database_dir=sys.argv[2],
+                  device="cpu", generations=1)
+EvoPressCompressor(make_model(num_layers=2), make_tokenizer()).compress(EvoPressConfig(**values), progress=False)
+"""
+
+
+@pytest.mark.process
+def test_every_process_follows_the_main_processs_view_of_the_database(tmp_path):
+    process = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python",
+         sys.executable, "-c", _LATE_RANK, TESTS, str(tmp_path / "db")],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert process.returncode == 0, process.stderr[-4000:]
+    assert (tmp_path / "db" / MANIFEST_NAME).is_file()

@@ -185,7 +185,10 @@ class LayerwiseMethod(CompressionMethod):
         in_memory = self.variants_fit_in_memory()
         if not in_memory:
             logger.info("the variants do not fit in memory: decoding them from the database at each swap")
-        if VariantDatabase.exists(directory):
+        exists = VariantDatabase.exists(directory)
+        if self.group.active:  # the main process's view, so every process reaches the same collectives
+            exists = self.group.all_gather(exists)[0]
+        if exists:
             self.database = VariantDatabase.open(directory, settings, self.linears, in_memory)
             logger.info("reusing the %s database in %s (%.1f MiB)", self.name, directory,
                         self.database.size_bytes / 2**20)
