@@ -181,8 +181,10 @@ def save_gptq(model: torch.nn.Module, save_directory: str | os.PathLike, **kwarg
     """Writes `model` (quantized by EvoPress) as a GPTQ checkpoint with per-module `dynamic` bit-widths.
 
     GPTQModel (`GPTQModel.load`) and vLLM load it. GPTQ stores scales in float16: weights equal the
-    in-memory model's exactly when its scales are float16- or bfloat16-representable (a model compressed
-    in either dtype), otherwise within float16 rounding of the scales. The in-memory model is untouched.
+    in-memory model's exactly when its scales are float16-representable (a model compressed in float16; in
+    bfloat16 all but scales below 2^-14, where float16 keeps fewer bits, i.e. groups whose largest weight is
+    below about 1e-3 at 8 bits), otherwise within float16 rounding of the scales. The in-memory model is
+    untouched.
     """
     from transformers import PreTrainedModel  # noqa: PLC0415
 

@@ -212,9 +212,9 @@ class Quantization(LayerwiseMethod):
             "average_bits": sum(layer_bits[n] * m.weight.numel() for n, m in self.linears.items()) / self.num_weights,
             "layer_bits": layer_bits,
         }
-        if self.config.keep_zeros:
+        if self.config.keep_zeros:  # the pruned zeros kept, not the weights that also quantized to 0
             self.model.config.evopress["layer_sparsity"] = {
-                name: float((stored_weight(self.linears[name]) == 0).float().mean()) for name in layer_bits}
+                name: float((self._dense[name] == 0).float().mean()) for name in layer_bits}
         attach_compressed_tensors_saving(self.model)
 
     # ------------------------------------------------------------------ baselines
