@@ -188,6 +188,20 @@ def test_generic_baselines():
     assert space().is_valid(random_search(space(), seed=3).assignment)
 
 
+def test_brute_force_and_ranking_keep_every_groups_budget_and_rank_falling_costs():
+    grouped = LevelSpace(units=["a", "b", "c", "d"], levels=[(4, 2)] * 4, costs=[(8, 4)] * 2 + [(4, 2)] * 2,
+                         budget=18, groups=[0, 0, 1, 1], group_budgets=[12, 6])  # fewer bits at level 1
+    # Compressing unit c of group 1 scores best, but only group 0 has budget to give.
+    other = LevelSpace(units=["a", "b", "c", "d"], levels=[(4, 2)] * 4, costs=[(4, 2)] * 4, budget=14,
+                       groups=[0, 0, 1, 1], group_budgets=[6, 8])
+    every = brute_force_search(other, lambda cands, n, rng, ref: [-float(c[2]) - 0.1 * c[0] for c in cands], 1,
+                               progress=False)
+    assert every.assignment == (1, 0, 0, 0)
+    scores = [0.3, 0.1, 0.2, 0.4]  # unit b, then c are the least harmful to compress
+    ranked = one_at_a_time_search(grouped, lambda cands, n, rng, ref: [scores[c.index(1)] for c in cands], 1)
+    assert ranked.assignment == (0, 1, 1, 0) and grouped.is_valid(ranked.assignment)
+
+
 def test_random_search_keeps_the_best_of_its_candidates():
     log = []
     result = random_search(space(), seed=3, evaluate=make_evaluate(log=log), num_tokens=32, candidates=10)

@@ -3,7 +3,6 @@ dynamic programming on per-unit errors."""
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Sequence
 
@@ -35,28 +34,36 @@ def random_search(space: LevelSpace, seed: int = 0, evaluate: Evaluate | None = 
 
 
 def _all_assignments(space: LevelSpace) -> list[Assignment]:
-    # Depth-first enumeration with pruning on the remaining reachable cost.
-    lows = [min(c) for c in space.costs]
-    highs = [max(c) for c in space.costs]
-    suffix_low = list(itertools.accumulate(reversed(lows)))[::-1] + [0]
-    suffix_high = list(itertools.accumulate(reversed(highs)))[::-1] + [0]
+    """Every valid assignment (each group at its own budget), by depth-first enumeration pruned on the cost its
+    group's later units can still reach."""
+    groups = space.groups if space.groups is not None else [0] * space.num_units
+    budgets = list(space.group_budgets) if space.groups is not None else [space.budget]
+    # For each unit, the least and most its group's later units can add.
+    suffix_low, suffix_high = [0] * space.num_units, [0] * space.num_units
+    low, high = [0] * len(budgets), [0] * len(budgets)
+    for unit in reversed(range(space.num_units)):
+        g = groups[unit]
+        suffix_low[unit], suffix_high[unit] = low[g], high[g]
+        low[g] += min(space.costs[unit])
+        high[g] += max(space.costs[unit])
     found: list[Assignment] = []
 
-    def walk(unit: int, prefix: list[int], spent: int) -> None:
+    def walk(unit: int, prefix: list[int], spent: list[int]) -> None:
         if len(found) > MAX_BRUTE_FORCE_CANDIDATES:
             return
-        if unit == space.num_units:
-            if spent == space.budget:
-                found.append(tuple(prefix))
+        if unit == space.num_units:  # every group's last unit left exactly its budget
+            found.append(tuple(prefix))
             return
+        g = groups[unit]
         for level, cost in enumerate(space.costs[unit]):
-            rest = space.budget - spent - cost
-            if suffix_low[unit + 1] <= rest <= suffix_high[unit + 1]:
+            if suffix_low[unit] <= budgets[g] - spent[g] - cost <= suffix_high[unit]:
                 prefix.append(level)
-                walk(unit + 1, prefix, spent + cost)
+                spent[g] += cost
+                walk(unit + 1, prefix, spent)
+                spent[g] -= cost
                 prefix.pop()
 
-    walk(0, [], 0)
+    walk(0, [], [0] * len(budgets))
     return found
 
 
@@ -81,20 +88,26 @@ def brute_force_search(space: LevelSpace, evaluate: Evaluate, num_tokens: int, s
 
 
 def rank_to_assignment(space: LevelSpace, importance: Sequence[float]) -> Assignment:
-    """Compresses the least important units first (to their next level) until the budget is met exactly.
+    """Compresses the least important units first (from level 0 to level 1) until the budget, of each group when
+    the space has groups, is met exactly; a unit whose step would overshoot it is skipped.
 
-    Meant for two-level spaces such as depth pruning, where a ranking of units is the whole decision.
+    Meant for two-level spaces such as depth pruning, where a ranking of units is the whole decision. Costs
+    may rise with the level (units removed) or fall (fewer bits).
     """
     assignment = [0] * space.num_units
-    spent = space.cost(assignment)
-    for unit in sorted(range(space.num_units), key=lambda u: importance[u]):
-        step = space.costs[unit][1] - space.costs[unit][0]
-        if spent + step <= space.budget:
-            assignment[unit] = 1
-            spent += step
-        if spent == space.budget:
-            return tuple(assignment)
-    raise ValueError(f"cannot meet the budget {space.budget} exactly by ranking units")
+    budgets = space.group_budgets if space.groups is not None else (space.budget,)
+    for members, budget in zip(space.group_members(), budgets):
+        remaining = budget - sum(space.costs[u][0] for u in members)
+        for unit in sorted(members, key=lambda u: importance[u]):
+            if remaining == 0:
+                break
+            step = space.costs[unit][1] - space.costs[unit][0]
+            if 0 < step <= remaining or remaining <= step < 0:  # towards the budget, not past it
+                assignment[unit] = 1
+                remaining -= step
+        if remaining != 0:
+            raise ValueError(f"cannot meet the budget {budget} exactly by ranking units")
+    return tuple(assignment)
 
 
 def one_at_a_time_search(space: LevelSpace, evaluate: Evaluate, num_tokens: int, seed: int = 0) -> SearchResult:
