@@ -17,29 +17,44 @@ __all__ = ["check_output_dir", "atomic_directory", "library_versions", "save_che
 
 
 _LEFTOVER = ".evopress-"  # prefix of the temporary entries a write keeps inside an existing output directory
+_NEW, _OLD = _LEFTOVER + "new-", _LEFTOVER + "old-"
 
 
 def _entries(path: str) -> list[str]:
-    """The entries of `path`, without the temporary ones an interrupted write left behind."""
-    return [name for name in os.listdir(path) if not name.startswith(_LEFTOVER)]
+    """The entries of `path`, without the new files an interrupted write left behind (old ones still count)."""
+    return [name for name in os.listdir(path) if not name.startswith(_NEW)]
+
+
+def _is_checkpoint(path: str) -> bool:
+    """Whether `path` holds an EvoPress checkpoint: a model `config.json` and a record with levels (a saved
+    `EvoPressConfig` alone is not one)."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return False
+    try:
+        with open(os.path.join(path, CONFIG_NAME), encoding="utf-8") as handle:
+            record = json.load(handle)
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and "levels" in record
 
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool = False) -> None:
     """Raises a `ValueError` unless `path` is new, an empty directory, or (with `overwrite`) an EvoPress checkpoint.
 
-    `overwrite` replaces an earlier checkpoint only (a directory holding `evopress_config.json`): a directory of other
-    files (a base model, a project folder) is never emptied.
+    `overwrite` replaces an earlier checkpoint only: a directory of other files (a base model, a project folder,
+    a saved config) is never emptied.
     """
     path = os.fspath(path)
     if os.path.isfile(path):
         raise ValueError(f"output directory {path!r} is an existing file")
     if not os.path.isdir(path) or not _entries(path):
         return
+    if not _is_checkpoint(path):
+        raise ValueError(f"output directory {path!r} is not empty and holds no EvoPress checkpoint; choose a new or "
+                         "empty directory (overwrite=True replaces only an earlier checkpoint)")
     if not overwrite:
-        raise ValueError(f"output directory {path!r} exists and is not empty; pass overwrite=True to replace it")
-    if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
-        raise ValueError(f"output directory {path!r} holds files but no EvoPress checkpoint (no {CONFIG_NAME}); "
-                         "overwrite=True replaces only an earlier checkpoint: choose a new or empty directory")
+        raise ValueError(f"output directory {path!r} is not empty: it holds an EvoPress checkpoint; pass "
+                         "overwrite=True to replace it")
 
 
 def _make_dir(parent: str, prefix: str) -> str:
@@ -54,13 +69,24 @@ def _make_dir(parent: str, prefix: str) -> str:
 
 
 def _replace_contents(path: str, new: str) -> None:
-    """Moves `path`'s entries aside, moves `new`'s entries in, then deletes the old ones and `new`."""
-    old = _make_dir(path, _LEFTOVER + "old-")
-    for name in os.listdir(path):
-        if os.path.join(path, name) not in (old, new):
-            os.rename(os.path.join(path, name), os.path.join(old, name))
-    for name in os.listdir(new):
-        os.rename(os.path.join(new, name), os.path.join(path, name))
+    """Moves `path`'s entries aside and `new`'s entries in, then deletes the old ones and `new`; on an error or an
+    interruption the moves are undone, so `path` keeps its old files."""
+    old = _make_dir(path, _OLD)
+    moved: list[tuple[str, str]] = []
+    try:
+        for name in os.listdir(path):
+            if os.path.join(path, name) not in (old, new):
+                moved.append((os.path.join(path, name), os.path.join(old, name)))
+                os.rename(*moved[-1])
+        for name in os.listdir(new):
+            moved.append((os.path.join(new, name), os.path.join(path, name)))
+            os.rename(*moved[-1])
+    except BaseException:
+        for source, target in reversed(moved):
+            if os.path.lexists(target):
+                os.rename(target, source)
+        os.rmdir(old)
+        raise
     os.rmdir(new)
     shutil.rmtree(old, ignore_errors=True)
 
@@ -79,7 +105,7 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     existing = os.path.isdir(path)
     if not existing:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = _make_dir(path, _LEFTOVER + "new-") if existing else _make_dir(
+    tmp = _make_dir(path, _NEW) if existing else _make_dir(
         os.path.dirname(path), f".{os.path.basename(path)}.tmp-")
     try:
         yield tmp

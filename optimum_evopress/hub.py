@@ -102,7 +102,8 @@ def push_checkpoint(directory: str | os.PathLike, repo_id: str, *, private: bool
 
     directory = os.fspath(directory)
     operations = []
-    for root, _, files in os.walk(directory):
+    for root, folders, files in os.walk(directory):
+        folders[:] = [name for name in folders if not name.startswith(".evopress-")]  # an interrupted write's
         for name in sorted(files):
             full = os.path.join(root, name)
             relative = os.path.relpath(full, directory).replace(os.sep, "/")

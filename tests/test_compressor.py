@@ -304,10 +304,32 @@ def test_overwrite_replaces_only_an_earlier_checkpoint_and_keeps_the_directory(t
     assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(tmp_path / "new"))
     (tmp_path / "project").mkdir()
     (tmp_path / "project" / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="holds files but no EvoPress checkpoint"):
+    small_config().save_pretrained(tmp_path / "project")  # a saved config is not a checkpoint
+    with pytest.raises(ValueError, match="holds no EvoPress checkpoint"):
         compressor.save_pretrained(tmp_path / "project", overwrite=True)
-    assert os.listdir(tmp_path / "project") == ["notes.txt"]
+    assert sorted(os.listdir(tmp_path / "project")) == [CONFIG_NAME, "notes.txt"]
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]
+
+
+def test_a_failed_overwrite_leaves_the_earlier_checkpoint_whole(tokenizer, tmp_path, monkeypatch):
+    import optimum_evopress.export as export_module
+
+    compressor = EvoPressCompressor(make_model(), tokenizer)
+    compressor.compress(small_config(generations=1, evaluation_tokens=0), progress=False)
+    compressor.save_pretrained(tmp_path / "out")
+    before = {name: (tmp_path / "out" / name).read_bytes() for name in os.listdir(tmp_path / "out")}
+    real, calls = os.rename, [0]
+
+    def failing(source, target):
+        calls[0] += 1
+        if calls[0] == len(before) + 2:  # the old files are aside, two new ones are in
+            raise OSError("disk gone")
+        real(source, target)
+
+    monkeypatch.setattr(export_module.os, "rename", failing)
+    with pytest.raises(OSError, match="disk gone"):
+        compressor.save_pretrained(tmp_path / "out", overwrite=True)
+    assert {name: (tmp_path / "out" / name).read_bytes() for name in os.listdir(tmp_path / "out")} == before
 
 
 @pytest.mark.parametrize("overrides", [{}, dict(method="quantization", target=3.0, bits=[2, 4], group_size=16)])

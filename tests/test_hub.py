@@ -244,7 +244,15 @@ def test_a_bare_repo_name_gets_a_card_naming_the_created_repo_and_a_revision_get
                                                                                              monkeypatch):
     _, _, directory = saved
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
-    push_checkpoint(directory, "bare-name", token=TOKEN)
+    leftover = directory / ".evopress-new-0000"  # what a killed save leaves in an existing directory
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"partial")
+    try:
+        push_checkpoint(directory, "bare-name", token=TOKEN)
+    finally:
+        (leftover / "model.safetensors").unlink()
+        leftover.rmdir()
+    assert not [name for name in hub.repos["tester/bare-name"]["files"] if name.startswith(".evopress")]
     card = hub.repos["tester/bare-name"]["files"]["README.md"].decode()
     assert 'model="tester/bare-name"' in card and "apply('tester/bare-name')" in card
     push_checkpoint(directory, "tester/bare-name", token=TOKEN, revision="v2")
