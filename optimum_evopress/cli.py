@@ -50,7 +50,8 @@ def add_commands(parser: argparse.ArgumentParser, examples: str = _EXAMPLES) -> 
     compress.add_argument("--model", default="smollm2-135m",
                           help="local model directory or Hub id; `smollm2-135m` (default) is the built-in offline model")
     compress.add_argument("--output", required=True, help="directory for the compressed checkpoint")
-    compress.add_argument("--overwrite", action="store_true", help="replace an earlier EvoPress checkpoint in the output directory")
+    compress.add_argument("--overwrite", action="store_true",
+                          help="replace an earlier EvoPress checkpoint in the output directory")
     compress.add_argument("--format", choices=["compressed-tensors", "gptq"], default=None,
                           help="quantization checkpoint format: compressed-tensors (default; plain transformers and "
                                "vLLM load it) or gptq (bits 2/3/4/8; GPTQModel and vLLM; needs the [gptq] extra)")
@@ -119,7 +120,8 @@ def add_commands(parser: argparse.ArgumentParser, examples: str = _EXAMPLES) -> 
     export.add_argument("--output", required=True, help="directory for the checkpoint")
     export.add_argument("--format", choices=["compressed-tensors", "gptq"], default=None,
                         help="quantization checkpoint format (see `compress --help`)")
-    export.add_argument("--overwrite", action="store_true", help="replace an earlier EvoPress checkpoint in the output directory")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier EvoPress checkpoint in the output directory")
     _add_device_map_arguments(export)
     export.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -263,7 +265,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     if args.sequence_length < 2:
         raise ValueError(f"--sequence-length: at least 2 tokens (one predicted), got {args.sequence_length}")
-    _check_device(args.device)
+    _check_device(args.device, "--device")
     if args.tasks:
         check_lm_eval()  # before loading anything
     model, tokenizer = _load(args.model, args.dtype)

@@ -62,18 +62,21 @@ def _inside(path: str | os.PathLike, directory: str | os.PathLike) -> bool:
     return os.path.commonpath([path, directory]) == directory
 
 
-def _check_device(device: str | None) -> None:
-    """Raises before any work when the configured device is not present on this machine."""
+def _check_device(device: str | None, field: str = "EvoPressConfig.device") -> None:
+    """Raises a `ValueError` naming `field` before any work when `device` is not a device of this machine."""
     if device is None:
         return
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"{field}: {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from err
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0 or (device.index is not None and device.index >= count):
-            raise ValueError(f"EvoPressConfig.device: {str(device)!r} is not available here ({count} CUDA devices); "
+            raise ValueError(f"{field}: {str(device)!r} is not available here ({count} CUDA devices); "
                              "use 'cpu' or leave it unset (CUDA when present)")
     elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("EvoPressConfig.device: 'mps' is not available here; use 'cpu' or leave it unset")
+        raise ValueError(f"{field}: 'mps' is not available here; use 'cpu' or leave it unset")
 
 
 @dataclass
@@ -205,6 +208,9 @@ class EvoPressCompressor:
             initial_candidates=settings["initial_candidates"], max_flips=config.max_flips, seed=config.seed)
         # Given levels are checked against the model's units now, before any data or model work.
         fixed = method.assignment_from_levels(given, space) if given is not None else None
+        if fixed is not None and space.cost(fixed) != space.budget:
+            logger.warning("the given levels cost %d, not the budget %d of target %g: applied as given",
+                           space.cost(fixed), space.budget, config.target)
         logger.info("EvoPress %s (%s, preset %r): %d units, budget %d, %s", config.method, method.granularity,
                     config.preset, space.num_units, space.budget, search_settings.to_dict())
 

@@ -404,7 +404,8 @@ class EvoPressConfig:
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, CONFIG_NAME)
-        elif not os.path.exists(path) and path.count("/") == 1 and not path.startswith((".", "~")):
+        elif (not os.path.exists(path) and path.count("/") == 1 and not path.startswith((".", "~", os.sep))
+              and not path.endswith(".json")):  # `namespace/name`; anything else is a local path
             from huggingface_hub import hf_hub_download  # noqa: PLC0415
             from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError  # noqa: PLC0415
 

@@ -211,8 +211,13 @@ def _read_local(path: str, text_column: str, dataset_split: str) -> list[str]:
                              f"{_ACCEPTED}")
     else:
         if _extension(path) not in ("", *_TEXT_EXTENSIONS, *_DATA_EXTENSIONS):
-            raise ValueError(f"calibration_dataset: cannot read {path!r} (type {_extension(path)}); accepted: "
-                             f"{_ACCEPTED}")
+            # A single file of another type is read as text when it is UTF-8 text (`.rst`, `.log`, source code).
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    return [handle.read()]
+            except UnicodeDecodeError:
+                raise ValueError(f"calibration_dataset: cannot read {path!r} (type {_extension(path)}, not UTF-8 "
+                                 f"text); accepted: {_ACCEPTED}") from None
         files = [path]
     return [text for file in files for text in _read_file(file, text_column)]
 

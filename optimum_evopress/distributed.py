@@ -91,8 +91,9 @@ def current_group(device: str | None = None) -> ProcessGroup:
     # Launchers set LOCAL_RANK; without it (a group made by the caller), ranks fill the GPUs of each machine in turn.
     fallback = rank % torch.cuda.device_count() if torch.cuda.is_available() else rank
     local_rank = int(os.environ.get("LOCAL_RANK", fallback))
-    if dist.get_backend() == "nccl":  # NCCL's collectives run on the current device: this process's GPU
-        torch.cuda.set_device(local_rank)
+    backend = dist.get_backend()  # as given: "nccl", "cpu:gloo,cuda:nccl", or "undefined" (NCCL for CUDA)
+    if torch.cuda.is_available() and ("nccl" in backend or backend == "undefined"):
+        torch.cuda.set_device(local_rank)  # NCCL's collectives run on the current device: this process's GPU
     return ProcessGroup(rank, dist.get_world_size(), local_rank)
 
 

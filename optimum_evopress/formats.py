@@ -145,7 +145,8 @@ def gptq_state_dict(model: torch.nn.Module, layer_bits: dict[str, int], group_si
         weight = stored_weight(module)
         out_features, in_features = weight.shape
         size = group_size or in_features
-        scale = getattr(module, SCALE_BUFFER).to(torch.float16).float()
+        # float16 scales; one that underflows there (an all-zero group) stays positive, so packing divides by it
+        scale = getattr(module, SCALE_BUFFER).to(torch.float16).clamp_min(torch.finfo(torch.float16).tiny).float()
         q = _integers(weight, getattr(module, SCALE_BUFFER), size)
         zero = 2 ** (bits - 1)
         # (q + zero) * scale is exact in float32 (8-bit integers times 11-bit fp16 mantissas), so the

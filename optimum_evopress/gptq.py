@@ -68,8 +68,9 @@ def dequantize(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -
 
 def _group_scales(weight: torch.Tensor, qmax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Symmetric scales for `weight` (rows, columns of one group): absmax / ((2^b - 1) / 2), per row, rounded to
-    `dtype` (returned in float32). A scale that is zero there (an all-zero group, or one too small for float16)
-    becomes the smallest normal number of `dtype`: its weights quantize to 0 instead of 0 / 0."""
+    `dtype` (returned in float32). A scale that is zero there (an all-zero group, or one below float16's
+    smallest subnormal) becomes the smallest normal number of `dtype`, so a zero weight quantizes to 0, not
+    0 / 0 (with act_order, GPTQ's updates may still fill such a group with tiny values)."""
     absmax = weight.abs().amax(dim=1)
     scale = (absmax / (qmax.squeeze(1) + 0.5)).to(dtype)
     return torch.where(scale > 0, scale, torch.finfo(dtype).tiny).float()

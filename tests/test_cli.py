@@ -254,6 +254,8 @@ def test_optional_booleans_parse_and_bad_numbers_or_formats_fail_before_loading(
         assert exit_info.value.code == 2 and "expected a positive integer" in capsys.readouterr().err
     assert cli.main(["evaluate", "--model", "smollm2-135m", "--sequence-length", "1"]) == 2
     assert "--sequence-length: at least 2 tokens" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--model", "smollm2-135m", "--device", "gpu"]) == 2
+    assert "--device: 'gpu' is not a torch device" in capsys.readouterr().err
     assert cli.main(["compress", "--method", "depth", "--format", "gptq", "--output", str(tmp_path / "o")]) == 2
     assert "format='gptq' applies to method='quantization'" in capsys.readouterr().err
     levels = tmp_path / "levels.txt"

@@ -97,3 +97,12 @@ def test_a_dataset_with_splits_asks_for_one():
     with pytest.raises(ValueError, match=r"calibration_dataset: a dataset with splits \['train', 'test'\]; pass one "
                                          r"split, e.g. dataset\['train'\]"):
         EvoPressConfig(calibration_dataset=splits)
+
+
+def test_a_missing_local_config_path_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("asked the Hub"))
+    for path in ("/missing.json", "configs/evopress_config.json", str(tmp_path / "none")):
+        with pytest.raises(FileNotFoundError, match="no evopress_config.json"):
+            EvoPressConfig.from_pretrained(path)

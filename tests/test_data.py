@@ -121,11 +121,11 @@ def test_table_files_and_saved_datasets_are_read_with_datasets(tmp_path, dataset
         load_texts(str(tmp_path / "saved_dict"), dataset_split="validation")
 
 
-def test_files_of_other_types_are_rejected(tmp_path):
-    for name in ("notes", "notes.text", "NOTES.TXT"):
+def test_files_of_other_types_are_read_as_text_or_rejected(tmp_path):
+    for name in ("notes", "notes.text", "NOTES.TXT", "notes.rst"):
         (tmp_path / name).write_text("plain text")
         assert load_texts(str(tmp_path / name)) == ["plain text"]
-    (tmp_path / "paper.pdf").write_bytes(b"%PDF-1.4 binary")
+    (tmp_path / "paper.pdf").write_bytes(b"%PDF-1.4 \xff\xfe binary")
     with pytest.raises(ValueError, match=r"paper\.pdf.*accepted: text files .*\.parquet, \.csv, \.arrow"):
         load_texts(str(tmp_path / "paper.pdf"))
 

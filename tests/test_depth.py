@@ -81,6 +81,13 @@ def test_qwen2_keeps_which_blocks_use_sliding_windows():
     assert kept == ["full_attention" if i < model.config.max_window_layers else "sliding_attention" for i in range(4)]
 
 
+def test_half_units_round_up_and_the_stated_range_holds():
+    assert DepthPruning(make_model(num_layers=10), EvoPressConfig(target=0.25)).level_space().budget == 3
+    assert DepthPruning(make_model(), EvoPressConfig(target=1 / 12)).level_space().budget == 1  # the range's low end
+    with pytest.raises(ValueError, match=r"allowed range is \[0.0833, 0.9167\)"):
+        DepthPruning(make_model(), EvoPressConfig(target=11 / 12)).level_space()
+
+
 def test_unknown_architecture_is_rejected():
     from transformers import GPT2Config, GPT2LMHeadModel
 

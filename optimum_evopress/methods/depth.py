@@ -106,7 +106,7 @@ class DepthPruning(CompressionMethod):
 
     def level_space(self) -> LevelSpace:
         units = self.unit_names()
-        budget = round(self.config.target * len(units))
+        budget = math.floor(self.config.target * len(units) + 0.5)  # halves round up: 0.25 of 10 blocks is 3
         if not 1 <= budget <= len(units) - 1:
             raise ValueError(
                 f"EvoPressConfig.target: {self.config.target} of {len(units)} {self.granularity} units removes "
