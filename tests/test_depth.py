@@ -1,5 +1,8 @@
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import make_model, reload_in_fresh_process
 from optimum_evopress import EvoPressConfig
@@ -116,6 +119,33 @@ def test_residual_baselines(granularity):
     assert dropped == list(range(dropped[0], dropped[0] + space.budget))  # one contiguous run
     # The search-time swaps are undone: the model is dense again.
     assert all(a == (False, False) for a in method._state)
-    influence, _ = method._residual_statistics(calibration, space.budget)
+    influence, angles = method._residual_statistics(calibration, space.budget)
     assert shortgpt == tuple(int(i in sorted(range(len(influence)), key=influence.__getitem__)[:space.budget])
                              for i in range(space.num_units))
+    # The statistics are those of the hidden states at the unit boundaries, computed without the output head.
+    with torch.no_grad():
+        states = [h.float() for h in model(input_ids=calibration, output_hidden_states=True).hidden_states[:-1]]
+    states.append(_last_block_output(model, calibration))
+    if granularity == "block":
+        expected = [float((1 - F.cosine_similarity(a, b, dim=-1)).mean()) for a, b in zip(states, states[1:])]
+        assert influence == pytest.approx(expected, rel=1e-5)
+        cos = F.cosine_similarity(states[0], states[space.budget], dim=-1).clamp(-1, 1)
+        assert angles[0] == pytest.approx(float((torch.arccos(cos) / math.pi).mean()), rel=1e-5)
+    handle = model.lm_head.register_forward_hook(lambda *args: pytest.fail("ran the output head"))
+    try:
+        method._residual_statistics(calibration, space.budget)
+    finally:
+        handle.remove()
+
+
+def _last_block_output(model, calibration):
+    """The last block's output (the model's last hidden state is after the final norm)."""
+    captured = []
+    handle = model.model.layers[-1].register_forward_hook(
+        lambda module, args, output: captured.append(output[0] if isinstance(output, tuple) else output))
+    try:
+        with torch.no_grad():
+            model(input_ids=calibration)
+    finally:
+        handle.remove()
+    return captured[0].float()

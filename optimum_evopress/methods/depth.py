@@ -8,6 +8,7 @@ attention or MLP sub-block alone has its output projection zeroed, which gives i
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 from typing import Any, Iterator, Sequence
@@ -225,43 +226,49 @@ class DepthPruning(CompressionMethod):
 
     @torch.no_grad()
     def _residual_statistics(self, calibration: torch.Tensor, window_size: int) -> tuple[list[float], list[float]]:
-        """Mean per-token block influence of each unit, and mean angular distance across each window of units."""
+        """Mean per-token block influence of each unit, and mean angular distance across each window of units.
+
+        The residual stream's states at the unit boundaries are taken as the forward pass reaches them and
+        compared at once, so at most `window_size` of them are held (on the input device); the output head
+        is not run.
+        """
         self.reset()
-        captured: dict[tuple[int, str], torch.Tensor] = {}
-        hooks = []
-
-        def keep(key: tuple[int, str]):
-            def pre_hook(module, args, kwargs):
-                captured[key] = (args[0] if args else kwargs["hidden_states"]).float()
-            return pre_hook
-
-        for i, block in enumerate(self.blocks):
-            hooks.append(block.register_forward_pre_hook(keep((i, "in")), with_kwargs=True))
-            norm = getattr(block, self.arch.mlp_input_norm)
-            hooks.append(norm.register_forward_pre_hook(keep((i, "mid")), with_kwargs=True))
-            hooks.append(block.register_forward_hook(
-                lambda module, args, output, i=i: captured.__setitem__((i, "out"), (
-                    output[0] if isinstance(output, tuple) else output).float())))
         n_units = len(self.unit_names())
         influence = torch.zeros(n_units, dtype=torch.float64)
         window = torch.zeros(n_units - window_size + 1, dtype=torch.float64)
-        tokens = 0
         device = input_device(self.model)
+        recent: collections.deque[torch.Tensor] = collections.deque(maxlen=window_size)
+        count = [0]  # boundaries reached in this forward pass
+
+        def reached(hidden: torch.Tensor) -> None:
+            hidden = hidden.to(device, torch.float32)
+            b = count[0]
+            if b >= 1:
+                influence[b - 1] += (1 - F.cosine_similarity(recent[-1], hidden, dim=-1)).sum().item()
+            if b >= window_size:  # recent[-k] is boundary b - k
+                cos = F.cosine_similarity(recent[-window_size], hidden, dim=-1).clamp(-1, 1)
+                window[b - window_size] += (torch.arccos(cos) / math.pi).sum().item()
+            recent.append(hidden)
+            count[0] += 1
+
+        hooks = [self.blocks[0].register_forward_pre_hook(
+            lambda module, args, kwargs: reached(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)]
+        for block in self.blocks:
+            if self.granularity == "sublayer":
+                hooks.append(getattr(block, self.arch.mlp_input_norm).register_forward_pre_hook(
+                    lambda module, args, kwargs: reached(args[0] if args else kwargs["hidden_states"]),
+                    with_kwargs=True))
+            hooks.append(block.register_forward_hook(
+                lambda module, args, output: reached(output[0] if isinstance(output, tuple) else output)))
+        decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model
+        tokens = 0
         try:
             for start in range(0, len(calibration), self.config.batch_size):
-                self.model(input_ids=calibration[start:start + self.config.batch_size].to(device), use_cache=False)
-                boundaries = [captured[(0, "in")]]
-                for i in range(len(self.blocks)):
-                    if self.granularity == "sublayer":
-                        boundaries.append(captured[(i, "mid")])
-                    boundaries.append(captured[(i, "out")])
-                for u in range(n_units):
-                    influence[u] += (1 - F.cosine_similarity(boundaries[u], boundaries[u + 1], dim=-1)).sum().item()
-                for s in range(len(window)):
-                    cos = F.cosine_similarity(boundaries[s], boundaries[s + window_size], dim=-1).clamp(-1, 1)
-                    window[s] += (torch.arccos(cos) / math.pi).sum().item()
-                tokens += boundaries[0].shape[0] * boundaries[0].shape[1]
-                captured.clear()
+                batch = calibration[start:start + self.config.batch_size].to(device)
+                recent.clear()
+                count[0] = 0
+                decoder(input_ids=batch, use_cache=False)
+                tokens += batch.numel()
         finally:
             for hook in hooks:
                 hook.remove()
