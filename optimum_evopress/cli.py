@@ -288,10 +288,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     import os  # noqa: PLC0415
 
-    from .compressor import EvoPressCompressor, _check_format  # noqa: PLC0415
+    from .compressor import EvoPressCompressor, check_format  # noqa: PLC0415
     from .configuration import EvoPressConfig  # noqa: PLC0415
     from .export import check_output_dir  # noqa: PLC0415
-    from .formats import load_levels  # noqa: PLC0415
     from .hub import read_record  # noqa: PLC0415
 
     check_output_dir(args.output, args.overwrite)
@@ -308,8 +307,7 @@ def _export(args: argparse.Namespace) -> int:
         base = base or record.get("base_model")
     if not base:
         raise ValueError("export: --model is needed: the checkpoint does not name its base model")
-    _check_format(args.format, config.method, [level for level in load_levels(levels).values()
-                                               if isinstance(level, int)])  # before the model loads
+    check_format(args.format, config, levels=levels)  # before the model loads
     model, tokenizer = _load(base, config.dtype, args)
     compressor = EvoPressCompressor(model, tokenizer)
     compressor.apply(levels, config=config, progress=not args.quiet)

@@ -48,12 +48,15 @@ def _check_format(format: str | None, method: str, bits: Any = (), shapes: dict[
         check_gptq_export(bits, shapes)
 
 
-def check_format(format: str | None, config: EvoPressConfig, shapes: dict[str, tuple[int, int]] | None = None
-                 ) -> None:
-    """`_check_format` for a run of `config`: the bit-widths it may use (a fixed search: those of its levels)."""
+def check_format(format: str | None, config: EvoPressConfig, shapes: dict[str, tuple[int, int]] | None = None,
+                 levels: str | os.PathLike | dict[str, Any] | None = None) -> None:
+    """`_check_format` for a run of `config`: the bit-widths it may use, or those of the levels it applies
+    (`levels`, a dict or levels file; for a fixed search, `config.levels` when not given)."""
+    if levels is None and config.search == "fixed":
+        levels = config.levels
     bits = config.bits
-    if config.search == "fixed" and format is not None:
-        bits = [level for level in load_levels(config.levels).values() if isinstance(level, int)]
+    if levels is not None and format is not None:
+        bits = [level for level in load_levels(levels).values() if isinstance(level, int)]
     _check_format(format, config.method, bits, shapes)
 
 
@@ -186,9 +189,9 @@ class EvoPressCompressor:
         if config.candidate_batch_size > 1 and not method.can_stack:
             raise ValueError(f"EvoPressConfig.candidate_batch_size: method {config.method!r} scores candidates one "
                              f"at a time; use 1, got {config.candidate_batch_size}")
-        check_format(format, config,
-                     {name: tuple(m.weight.shape) for name, m in getattr(method, "linears", {}).items()})
         given = load_levels(config.levels) if config.search == "fixed" else None
+        shapes = {name: tuple(m.weight.shape) for name, m in getattr(method, "linears", {}).items()}
+        check_format(format, config, shapes, given)
         space = method.level_space()
         defaults = method.default_settings(config.preset, space)
         vocab_size = getattr(self.model.config, "vocab_size", None)
@@ -391,7 +394,7 @@ class EvoPressCompressor:
         Args:
             save_directory: the checkpoint directory.
             overwrite: replace `save_directory` when it holds an earlier EvoPress checkpoint (a non-empty directory
-                is otherwise a `ValueError`; one without `evopress_config.json` always is).
+                is otherwise a `ValueError`; one that holds no EvoPress checkpoint always is).
             format: None for the method's standard format (depth: a plain transformers checkpoint;
                 quantization: compressed-tensors, which `AutoModelForCausalLM.from_pretrained` loads),
                 `"compressed-tensors"`, or `"gptq"` (quantization with bit-widths in 2, 3, 4, 8: a GPTQ

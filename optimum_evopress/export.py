@@ -16,8 +16,8 @@ from .model_card import write_model_card
 __all__ = ["check_output_dir", "atomic_directory", "library_versions", "save_checkpoint"]
 
 
-_LEFTOVER = ".evopress-"  # prefix of the temporary entries a write keeps inside an existing output directory
-_NEW, _OLD = _LEFTOVER + "new-", _LEFTOVER + "old-"
+LEFTOVER_PREFIX = ".evopress-"  # of the temporary entries a write keeps inside an existing output directory
+_NEW, _OLD = LEFTOVER_PREFIX + "new-", LEFTOVER_PREFIX + "old-"
 
 
 def _entries(path: str) -> list[str]:

@@ -8,6 +8,7 @@ import tempfile
 from typing import Any
 
 from .configuration import CONFIG_NAME
+from .export import LEFTOVER_PREFIX
 from .model_card import HEATMAP_NAME, model_card_text, save_heatmap
 
 __all__ = ["HubPushError", "check_checkpoint_dir", "check_push", "push_checkpoint", "load_compressed", "read_record"]
@@ -103,7 +104,7 @@ def push_checkpoint(directory: str | os.PathLike, repo_id: str, *, private: bool
     directory = os.fspath(directory)
     operations = []
     for root, folders, files in os.walk(directory):
-        folders[:] = [name for name in folders if not name.startswith(".evopress-")]  # an interrupted write's
+        folders[:] = [name for name in folders if not name.startswith(LEFTOVER_PREFIX)]  # an interrupted write's
         for name in sorted(files):
             full = os.path.join(root, name)
             relative = os.path.relpath(full, directory).replace(os.sep, "/")
